@@ -10,7 +10,7 @@ notes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Final
 
 #: Path of the one endpoint facegate fronts (verified).
@@ -44,14 +44,14 @@ DEFAULT_QPS: Final = 5.0
 DEFAULT_MAX_CONCURRENCY: Final = 5
 
 
-class Shape(str, Enum):
+class Shape(StrEnum):
     """The two answer shapes ailabapi's docs show for face-analyzer-advanced."""
 
     TENCENT = "tencent"  # image_width, face_detail_infos[] (the seed example)
     LIST = "list"  # data{face_count, face_rectangles, age_list, ...}
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What an upstream error means for the gateway."""
 
     BAD_REQUEST = "bad_request"  # we sent something wrong: our bug, not the caller's

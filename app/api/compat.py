@@ -1,0 +1,39 @@
+"""The drop-in route: ailabapi's own path, header, form field and JSON envelope.
+
+Existing ailabapi client code changes only its base URL (and uses a tenant key in
+``ailabapi-api-key``). Answers are ailabapi's bytes, cached or live; facegate's own
+refusals are rendered in ailabapi's envelope by the app's problem handler.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from app.api.common import authenticate, cache_options, context, receive_upload, runtime
+from app.api.v1 import UPLOAD_BODY
+from app.tenants import Tenant
+from app.upstream import contract
+
+router = APIRouter(tags=["ailabapi-compatible"])
+
+
+@router.post(
+    contract.ANALYZE_PATH,
+    summary="ailabapi-compatible Face Analyzer Advanced",
+    responses={200: {"description": "ailabapi's JSON envelope, exactly as ailabapi answered it."}},
+    openapi_extra=UPLOAD_BODY,
+)
+async def face_analyzer_advanced(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> Response:
+    """Same request as ailabapi (multipart field `image`, tenant key in `ailabapi-api-key`); the
+    answer is ailabapi's JSON, from the cache or live, including its error envelopes."""
+    ctx = context(request)
+    upload = await receive_upload(request)
+    try:
+        entry = await runtime(request).service.analyze(ctx, tenant, upload, cache_options(request))
+    finally:
+        if not upload.handed_off:
+            upload.close()
+    return Response(entry.body, status_code=entry.status, media_type="application/json")

@@ -1,0 +1,31 @@
+"""Operations endpoints: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.common import json_response, runtime
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", summary="Readiness: Redis, tenants and upstream configuration")
+async def readyz(request: Request) -> Response:
+    """Ready when this replica can serve. Deliberately NOT a probe of ailabapi: if the upstream
+    is down, every replica would turn unready at once and take cache hits down with them;
+    the circuit breaker answers 503 quickly instead, and the breaker state is in /metrics."""
+    checks = await runtime(request).readiness()
+    ok = all(value == "ok" for value in checks.values())
+    return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,184 @@
+"""Response cache: raw upstream answers, addressed by what was asked.
+
+The key is derived from everything that decides the upstream's answer (see
+:func:`cache_key`), so an image already analyzed is never paid for twice. Entries hold
+the *raw* upstream JSON: the normalizer runs on read, so fixing it needs no re-buy.
+
+Backends sit behind :class:`CacheBackend`: an in-memory LRU bounded by bytes (the
+embedded default) and Redis (shared by replicas). A cache failure never fails a
+request: the Redis backend reports errors, the service treats them as misses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+import redis.asyncio as aioredis
+
+from app.redisconn import RedisDown, RedisHealth
+from app.upstream import contract
+
+#: Bump when the meaning of a stored entry changes (not when the normalizer changes).
+FORMAT_VERSION: Final = "1"
+
+
+def cache_key(*, scope: str, sha256: str, params: str = "", endpoint: str = contract.ENDPOINT_ID) -> str:
+    """Address of an upstream answer: scope, image hash, endpoint, parameters, format version.
+
+    The pieces are hashed together so the key has a fixed length and reveals neither
+    the tenant nor the image hash to someone reading Redis keys.
+    """
+    material = "\x1f".join((FORMAT_VERSION, scope, endpoint, params, sha256))
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+class CacheError(Exception):
+    """The backend could not answer (Redis down, slow, refused): treat as a miss."""
+
+
+class CacheBackend(Protocol):
+    """Byte values with a TTL. Implementations raise :class:`CacheError`, nothing else."""
+
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        """The value and its remaining lifetime in seconds, or None."""
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryCache:
+    """A process-local LRU bounded by the bytes it holds, not by its number of entries."""
+
+    #: Rough per-entry bookkeeping cost counted against the bound (key, tuple, dict slot).
+    ENTRY_OVERHEAD: Final = 200
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.bytes = 0
+
+    def _cost(self, key: str, value: bytes) -> int:
+        return len(key) + len(value) + self.ENTRY_OVERHEAD
+
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        remaining = expires - self._clock()
+        if remaining <= 0:
+            self._drop(key)
+            return None
+        self._data.move_to_end(key)
+        return value, remaining
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        cost = self._cost(key, value)
+        if key in self._data:
+            self._drop(key)
+        if cost > self.max_bytes:
+            return
+        self._data[key] = (value, self._clock() + ttl_s)
+        self.bytes += cost
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._data))
+            self._drop(oldest)
+
+    async def delete(self, key: str) -> None:
+        if key in self._data:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        value, _ = self._data.pop(key)
+        self.bytes -= self._cost(key, value)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def close(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
+
+class RedisCache:
+    """Entries shared by all replicas. Every failure is a :class:`CacheError` (→ a miss)."""
+
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str) -> None:
+        self._r = client
+        self._health = health
+        self._prefix = f"{prefix}:c:"
+
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        async def op() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.get(self._prefix + key)
+                pipe.pttl(self._prefix + key)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        try:
+            value, pttl = await self._health.run("cache", op)
+        except RedisDown:
+            raise CacheError("redis") from None
+        if value is None:
+            return None
+        return bytes(value), (pttl / 1000.0 if pttl and pttl > 0 else 0.0)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        try:
+            await self._health.run(
+                "cache", lambda: self._r.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))
+            )
+        except RedisDown:
+            raise CacheError("redis") from None
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._health.run("cache", lambda: self._r.delete(self._prefix + key))
+        except RedisDown:
+            raise CacheError("redis") from None
+
+    async def close(self) -> None:
+        return None
+
+
+class TieredCache:
+    """A small per-process LRU in front of Redis.
+
+    Entries are content-addressed and never change meaning, so a local copy cannot be
+    stale in a harmful way; it saves a round trip on hot images and keeps serving them
+    while Redis is down.
+    """
+
+    def __init__(self, local: MemoryCache, shared: CacheBackend) -> None:
+        self.local = local
+        self.shared = shared
+
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        found = await self.local.get(key)
+        if found is not None:
+            return found
+        found = await self.shared.get(key)
+        if found is not None and found[1] > 0:
+            await self.local.set(key, found[0], found[1])
+        return found
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self.local.set(key, value, ttl_s)
+        await self.shared.set(key, value, ttl_s)
+
+    async def delete(self, key: str) -> None:
+        await self.local.delete(key)
+        await self.shared.delete(key)
+
+    async def close(self) -> None:
+        await self.local.close()
+        await self.shared.close()

@@ -1,0 +1,322 @@
+"""Image intake: receive an upload safely, keep its exact bytes, hash them, judge them.
+
+The body is consumed as a stream so that the size cap holds however the client lies
+(a missing or false Content-Length does not help; a 2 GB body is cut off at the cap).
+Large uploads spool to disk so that many concurrent uploads don't pin memory. Nothing
+here decodes pixels: the format is sniffed and checked by ``image_headers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mmap
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Final
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.errors import Problem
+from app.image_headers import ImageError, ImageFacts, inspect
+from app.upstream import contract
+
+#: Room for multipart boundaries, part headers and small extra fields around the image.
+MULTIPART_OVERHEAD: Final = 64 * 1024
+#: More parts than this is not a client uploading one image.
+MAX_PARTS: Final = 16
+#: Bytes of non-image fields kept track of (they are ignored, but not without bound).
+MAX_OTHER_FIELDS_BYTES: Final = 16 * 1024
+RAW_TYPES: Final = ("image/", "application/octet-stream")
+_MIME: Final = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    max_bytes: int
+    max_pixels: int
+    spool_threshold: int
+    spool_dir: Path
+    body_timeout_s: float
+
+
+class SpooledBody:
+    """Bytes in memory up to a threshold, then in an anonymous temporary file."""
+
+    def __init__(self, threshold: int, spool_dir: Path) -> None:
+        self._threshold = threshold
+        self._dir = spool_dir
+        self._buf = bytearray()
+        self._file: IO[bytes] | None = None
+        self._map: mmap.mmap | None = None
+        self.size = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.size += len(chunk)
+        if self._file is None and self.size > self._threshold:
+            self._file = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115 - closed in close()
+            self._file.write(self._buf)
+            self._buf = bytearray()
+        if self._file is not None:
+            self._file.write(chunk)
+        else:
+            self._buf += chunk
+
+    @property
+    def spooled(self) -> bool:
+        return self._file is not None
+
+    def view(self) -> memoryview | mmap.mmap:
+        """The whole body, readable without a copy (an mmap when spooled)."""
+        if self._file is None:
+            return memoryview(self._buf)
+        if self._map is None:
+            self._file.flush()
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def content(self) -> bytes | IO[bytes]:
+        """What the upstream client sends: bytes, or the rewound spool file (streamed by httpx)."""
+        if self._file is None:
+            return bytes(self._buf)
+        self._file.seek(0)
+        return self._file
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._buf = bytearray()
+
+
+@dataclass(slots=True)
+class Upload:
+    """An accepted image: exact bytes, their SHA-256 and what the header says."""
+
+    body: SpooledBody
+    sha256: str
+    facts: ImageFacts
+    #: Set when a detached upstream call took ownership: it closes the upload, not the route.
+    handed_off: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.body.size
+
+    @property
+    def filename(self) -> str:
+        """A name chosen by facegate: the client's filename is never forwarded."""
+        return f"image.{'jpg' if self.facts.format == 'jpeg' else self.facts.format}"
+
+    @property
+    def mime(self) -> str:
+        return _MIME[self.facts.format]
+
+    def close(self) -> None:
+        self.body.close()
+
+
+class _ImageSink:
+    """Collects the image bytes and their hash, enforcing the byte cap as they arrive."""
+
+    def __init__(self, limits: IntakeLimits) -> None:
+        self.limits = limits
+        self.body = SpooledBody(limits.spool_threshold, limits.spool_dir)
+        self.digest = hashlib.sha256()
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        if self.body.size + len(chunk) > self.limits.max_bytes:
+            raise Problem("image_too_large", f"the image exceeds {self.limits.max_bytes} bytes")
+        self.body.write(chunk)
+        self.digest.update(chunk)
+
+    async def finish(self) -> Upload:
+        if self.body.size == 0:
+            raise Problem("image_missing", "the image is empty (0 bytes)")
+        view = self.body.view()
+        try:
+            if self.body.spooled:
+                facts = await asyncio.to_thread(inspect, view, max_pixels=self.limits.max_pixels)
+            else:
+                facts = inspect(view, max_pixels=self.limits.max_pixels)
+        except ImageError as exc:
+            raise Problem(exc.code, exc.detail) from None
+        finally:
+            if isinstance(view, memoryview):
+                view.release()
+        return Upload(self.body, self.digest.hexdigest(), facts)
+
+
+class _MultipartImage:
+    """Streams a multipart body, keeping exactly one ``image`` file part."""
+
+    def __init__(self, boundary: bytes, sink: _ImageSink) -> None:
+        self.sink = sink
+        self.parts = 0
+        self.images = 0
+        self.other_bytes = 0
+        self.done = False
+        self._in_image = False
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        callbacks: dict[str, Callable[..., None]] = {
+            "on_part_begin": self._part_begin,
+            "on_part_data": self._part_data,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_val,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_end": self._end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise Problem("invalid_request", f"too many multipart parts (at most {MAX_PARTS})")
+        self._in_image = False
+        self._disposition = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_val(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = b""
+        self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if options.get(b"name") == contract.IMAGE_FIELD.encode():
+            self.images += 1
+            if self.images > 1:
+                raise Problem("invalid_request", f"send exactly one '{contract.IMAGE_FIELD}' field")
+            self._in_image = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_image:
+            self.sink.write(memoryview(data)[start:end])
+            return
+        self.other_bytes += end - start
+        if self.other_bytes > MAX_OTHER_FIELDS_BYTES:
+            raise Problem("invalid_request", "the form fields besides the image are too large")
+
+    def _end(self) -> None:
+        self.done = True
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError:
+            raise Problem("invalid_request", "the multipart body is malformed") from None
+
+    def finish(self) -> None:
+        if not self.done:
+            raise Problem("invalid_request", "the multipart body ended before its closing boundary")
+        if self.images == 0:
+            raise Problem("image_missing", f"no '{contract.IMAGE_FIELD}' field in the form")
+
+
+def _boundary(content_type: str) -> bytes:
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not boundary or len(boundary) > 200:
+        raise Problem("invalid_request", "multipart/form-data without a usable boundary")
+    return boundary
+
+
+async def receive(
+    chunks: AsyncIterator[bytes],
+    content_type: str | None,
+    content_length: str | None,
+    limits: IntakeLimits,
+) -> Upload:
+    """Read one upload from a body stream. Every refusal is a :class:`Problem` and costs nothing.
+
+    The caller owns the returned :class:`Upload` and must ``close()`` it (it may hold a
+    temporary file).
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    multipart = media == "multipart/form-data"
+    if not multipart and not media.startswith(RAW_TYPES):
+        raise Problem(
+            "unsupported_media_type",
+            f"send multipart/form-data with an '{contract.IMAGE_FIELD}' field, or the image bytes "
+            "with Content-Type image/*",
+        )
+    cap = limits.max_bytes + (MULTIPART_OVERHEAD if multipart else 0)
+    declared = _declared_length(content_length)
+    if declared is not None and declared > cap:
+        raise Problem("image_too_large", f"the body is {declared} bytes, the limit is {limits.max_bytes}")
+
+    sink = _ImageSink(limits)
+    form = _MultipartImage(_boundary(content_type or ""), sink) if multipart else None
+    received = 0
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > cap:
+                    raise Problem("image_too_large", f"the body exceeds the limit of {limits.max_bytes} bytes")
+                if form is not None:
+                    form.feed(chunk)
+                else:
+                    sink.write(chunk)
+        if form is not None:
+            form.finish()
+        return await sink.finish()
+    except TimeoutError:
+        sink.body.close()
+        raise Problem("request_timeout", f"the upload took longer than {limits.body_timeout_s:g} s") from None
+    except BaseException:
+        sink.body.close()
+        raise
+
+
+def _declared_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise Problem("invalid_request", "Content-Length is not a number") from None
+
+
+class UploadGate:
+    """Caps uploads being received at once in this process; past the cap, answer 503 at once.
+
+    Refusing early beats queueing: a queued upload still holds a socket and its bytes
+    keep arriving, which is exactly the load the cap is there to shed.
+    """
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+        self._on_change = on_change
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.active >= self.limit:
+            raise Problem("overloaded", f"more than {self.limit} uploads in progress; try again shortly", retry_after=1)
+        self._moved(+1)
+        try:
+            yield
+        finally:
+            self._moved(-1)
+
+    def _moved(self, delta: int) -> None:
+        self.active += delta
+        if self._on_change is not None:
+            self._on_change(self.active)

@@ -1,0 +1,140 @@
+"""Prometheus metrics and structured logs.
+
+Metrics live in a registry owned by each app instance (several apps in one test process
+must not share counters). Label values are bounded: ``tenant`` is a name from the
+tenants file or ``-``, ``route`` is the route template, never the raw path.
+
+Logs are one JSON object per line (or a short human line on a terminal). Records carry
+only fields facegate chose to put there: no request bodies, no headers, no keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    """Every metric facegate exports, in one place so names stay consistent."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "facegate_http_requests", "HTTP requests answered.", ["route", "method", "status", "tenant"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "facegate_http_request_duration_seconds",
+            "Time to answer, upload included.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_calls = Counter(
+            "facegate_upstream_calls",
+            "Attempts at calling ailabapi, by outcome (ok, an upstream code, timeout, connect...).",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "facegate_upstream_duration_seconds",
+            "Duration of one attempt at ailabapi.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache = Counter(
+            "facegate_cache_requests",
+            "Analyses by cache result (hit, miss, forced, collapsed).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "facegate_cache_errors", "Cache backend errors (the request went on as a miss).", registry=r
+        )
+        self.breaker = Gauge(
+            "facegate_upstream_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
+        )
+        self.rejections = Counter(
+            "facegate_limit_rejections", "Requests refused by a limit.", ["reason", "tenant"], registry=r
+        )
+        self.credits = Counter("facegate_credits_spent", "Billable upstream calls, by tenant.", ["tenant"], registry=r)
+        self.uploads_in_flight = Gauge("facegate_uploads_in_flight", "Uploads being received right now.", registry=r)
+        self.redis_errors = Counter(
+            "facegate_redis_errors", "Redis operations that failed, by component.", ["component"], registry=r
+        )
+        self.tenant_reloads = Counter(
+            "facegate_tenants_reloads", "Tenants file reloads, by result.", ["result"], registry=r
+        )
+
+    def breaker_changed(self, state: str) -> None:
+        self.breaker.set(BREAKER_VALUES.get(state, 2))
+
+
+# --- logging ---------------------------------------------------------------------------
+
+_RESERVED: Final = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Exceptions become their type name, never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error"] = record.exc_info[0].__name__
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Short human lines for a terminal; the same fields, no traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={v}"
+            for k, v in record.__dict__.items()
+            if k not in _RESERVED and not k.startswith("_") and v is not None
+        )
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = f"{when} {record.levelname:<7} {record.getMessage()}"
+        if record.exc_info and record.exc_info[0] is not None:
+            line += f" error={record.exc_info[0].__name__}"
+        return f"{line}  {extras}" if extras else line
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Route facegate's and uvicorn's logs through one handler in the chosen format."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("CI") else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+    # The access log would print query strings (where someone may paste a key): ours replaces it.
+    logging.getLogger("uvicorn.access").disabled = True
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,84 @@
+"""The one Redis pool, and how facegate behaves when Redis misbehaves.
+
+Every Redis-backed component runs its commands through :meth:`RedisHealth.run`: short
+timeouts, errors counted and logged without flooding, and after a failure Redis is
+skipped for a short cool-down so that a dead Redis costs each request microseconds, not
+a timeout per command. It is retried by itself afterwards: nothing needs a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from app.settings import Settings
+
+log = logging.getLogger("facegate.redis")
+T = TypeVar("T")
+
+#: After a failure, how long Redis is not even tried.
+COOLDOWN_S: Final = 1.0
+#: At most one log line per component per this many seconds while Redis is failing.
+LOG_EVERY_S: Final = 10.0
+
+
+class RedisDown(Exception):
+    """Redis could not be used for this operation (error, timeout, or cooling down)."""
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """One pool for the process, with per-operation timeouts short enough to fail open fast."""
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        max_connections=256,
+        retry_on_timeout=False,
+        decode_responses=False,
+    )
+
+
+class RedisHealth:
+    def __init__(
+        self, on_error: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._down_until = 0.0
+        self._last_log: dict[str, float] = {}
+        self._on_error = on_error
+        self._clock = clock
+
+    @property
+    def available(self) -> bool:
+        return self._clock() >= self._down_until
+
+    async def run(self, component: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation; any Redis or network failure becomes :class:`RedisDown`."""
+        if not self.available:
+            raise RedisDown(component)
+        try:
+            return await op()
+        except NoScriptError:
+            raise
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(component, exc)
+            raise RedisDown(component) from None
+
+    def _failed(self, component: str, exc: BaseException) -> None:
+        now = self._clock()
+        self._down_until = now + COOLDOWN_S
+        if self._on_error is not None:
+            self._on_error(component)
+        if now - self._last_log.get(component, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._last_log[component] = now
+            log.warning(
+                "redis unavailable for %s (%s); failing %s",
+                component,
+                type(exc).__name__,
+                "closed" if component == "quota" else "open",
+            )

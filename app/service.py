@@ -1,0 +1,393 @@
+"""The analyze use case: everything between an accepted upload and the upstream's answer.
+
+Order is the product: whatever can answer for free (the cache, a call already in
+flight) is tried before anything that costs a credit (the quota reservation, then the
+upstream call). No HTTP types here; routes render what this returns, and read the
+:class:`RequestContext` for headers and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any, Literal
+
+import orjson
+
+from app import cache as cache_mod
+from app.cache import CacheBackend, CacheError
+from app.context import CacheStatus, RequestContext
+from app.errors import Problem
+from app.images import Upload
+from app.quota import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
+from app.schema.normalize import UpstreamFormatError, normalize_faces
+from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewing
+from app.tenants import Tenant
+from app.upstream import contract
+from app.upstream.ailabapi import ImagePayload, UpstreamAnswer, UpstreamFailure
+from app.upstream.contract import Kind, UpstreamCode
+from app.upstream.resilience import CallReport, ResilientUpstream
+
+log = logging.getLogger("facegate.service")
+
+ENTRY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An upstream answer as cached: its exact bytes plus what is needed to render it later.
+
+    The bytes are kept verbatim so that the drop-in route answers exactly what ailabapi
+    sent; the v1 route parses them (once per entry object) and normalizes.
+    """
+
+    status: int
+    body: bytes
+    provider: Literal["ailabapi", "simulator"]
+    analyzed_at: str
+    image: dict[str, Any]
+
+    @cached_property
+    def raw(self) -> dict[str, Any]:
+        value = orjson.loads(self.body)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def verdict(self) -> UpstreamCode | None:
+        """None for a successful analysis, else the upstream's verdict on the image."""
+        code = contract.error_code_of(self.raw)
+        return contract.lookup(code, self.status) if code else None
+
+    @property
+    def upstream_request_id(self) -> str | None:
+        rid = self.raw.get("request_id")
+        return rid if isinstance(rid, str) and rid else None
+
+    def encode(self) -> bytes:
+        """One JSON line of metadata, a newline, then the upstream's bytes untouched."""
+        meta = {
+            "v": ENTRY_VERSION,
+            "status": self.status,
+            "provider": self.provider,
+            "analyzed_at": self.analyzed_at,
+            "image": self.image,
+        }
+        return orjson.dumps(meta) + b"\n" + self.body
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry | None:
+        """None for anything this version did not write (treated as a miss, never a crash)."""
+        head, sep, body = data.partition(b"\n")
+        try:
+            meta = orjson.loads(head)
+            if not sep or not isinstance(meta, dict) or meta.get("v") != ENTRY_VERSION:
+                return None
+            entry = cls(int(meta["status"]), body, meta["provider"], str(meta["analyzed_at"]), dict(meta["image"]))
+            _ = entry.raw
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzeOptions:
+    no_cache: bool = False  # skip the lookup (a billable call), still store
+    no_store: bool = False  # do not store the answer
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    cache_scope: Literal["tenant", "shared"]
+    cache_ttl_s: float
+    negative_ttl_s: float
+    lock_ttl_s: float
+    follow_timeout_s: float
+    quota_fail_open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _FlightResult:
+    entry: Entry
+    how: Literal["fresh", "remote", "cached"]
+    stored: bool
+    attempts: int
+    upstream_s: float | None
+
+
+class AnalyzeService:
+    def __init__(
+        self,
+        *,
+        config: ServiceConfig,
+        cache: CacheBackend,
+        limiter: Limiter,
+        upstream: ResilientUpstream,
+        coordinator: Coordinator,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.limiter = limiter
+        self.upstream = upstream
+        self.coordinator = coordinator
+        self.flights: Flights[_FlightResult] = Flights()
+
+    # --- public use cases -------------------------------------------------------------
+
+    async def analyze(self, ctx: RequestContext, tenant: Tenant, upload: Upload, opts: AnalyzeOptions) -> Entry:
+        """Answer for ``upload``: from the cache, from a call in flight, or from a new call."""
+        ctx.tenant = tenant.name
+        ctx.image_bytes = upload.size
+        key = self.key_for(tenant, upload.sha256)
+        if not opts.no_cache:
+            found = await self._cache_get(key)
+            if found is not None:
+                entry, ttl = found
+                await self._admit(ctx, tenant, reserve=False, record="hits")
+                ctx.cache = CacheStatus(hit=True, ttl=ttl)
+                return entry
+            running = self.flights.get(key)
+            if running is not None:
+                await self._admit(ctx, tenant, reserve=False, record="misses")
+                return await self._follow(ctx, running)
+        admission = await self._admit(ctx, tenant, reserve=True, record="misses")
+        running = None if opts.no_cache else self.flights.get(key)
+        if running is not None:  # started while we were reserving
+            await self._settle(admission.reservation, spent=False)
+            return await self._follow(ctx, running)
+        upload.handed_off = True
+        work = lambda: self._lead(key, upload, admission.reservation, opts)  # noqa: E731
+        task = self.flights.start(key, work) if not opts.no_cache else self.flights.start_anonymous(work)
+        result = await join(task, self.config.follow_timeout_s)
+        ctx.upstream_attempts = result.attempts
+        ctx.upstream_s = result.upstream_s
+        fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
+        if result.how == "fresh":
+            ctx.cache = CacheStatus(hit=False, fwd=fwd, stored=result.stored)
+        else:  # another replica answered it while we held the lead locally
+            ctx.cache = CacheStatus(hit=False, fwd=fwd, collapsed=True)
+        return result.entry
+
+    async def lookup(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> tuple[Entry, float] | None:
+        """A cached analysis by image hash, without an upload. Never billable."""
+        ctx.tenant = tenant.name
+        await self._admit(ctx, tenant, reserve=False)
+        return await self._cache_get(self.key_for(tenant, sha256))
+
+    async def usage(self, ctx: RequestContext, tenant: Tenant) -> Usage:
+        ctx.tenant = tenant.name
+        await self._admit(ctx, tenant, reserve=False)
+        try:
+            return await self.limiter.usage(tenant)
+        except QuotaUnavailable:
+            raise Problem("quota_unavailable", "usage counters are unavailable right now", retry_after=5) from None
+
+    def key_for(self, tenant: Tenant, sha256: str) -> str:
+        scope = "*" if self.config.cache_scope == "shared" else f"tenant:{tenant.name}"
+        return cache_mod.cache_key(scope=scope, sha256=sha256)
+
+    # --- steps ------------------------------------------------------------------------
+
+    async def _admit(self, ctx: RequestContext, tenant: Tenant, *, reserve: bool, record: Record = None) -> Admission:
+        try:
+            admission = await self.limiter.admit(tenant, reserve=reserve, record=record)
+        except QuotaUnavailable:
+            if reserve and not self.config.quota_fail_open:
+                raise Problem(
+                    "quota_unavailable",
+                    "quota accounting is unavailable, so no billable call is made (QUOTA_FAIL_MODE=closed)",
+                    retry_after=5,
+                ) from None
+            log.warning(
+                "quota backend unavailable: %s request for %s allowed", "billable" if reserve else "free", tenant.name
+            )
+            ctx.outcome = "quota_fail_open"
+            return Admission(allowed=True, rate=None)
+        ctx.admission = admission
+        if not admission.allowed:
+            if admission.reason == "rate_limited":
+                raise Problem(
+                    "rate_limited",
+                    f"more than {tenant.limits.burst} requests at once or {tenant.limits.rate_per_s:g}/s sustained",
+                    retry_after=admission.retry_after,
+                )
+            raise Problem(
+                "quota_exceeded", "this tenant's quota of billable calls is used up", retry_after=admission.retry_after
+            )
+        return admission
+
+    async def _settle(self, reservation: Reservation | None, *, spent: bool) -> None:
+        if reservation is None:
+            return
+        try:
+            await self.limiter.settle(reservation, spent=spent)
+        except QuotaUnavailable:
+            log.error("could not %s a reservation of %s", "commit" if spent else "refund", reservation.tenant)
+
+    async def _cache_get(self, key: str) -> tuple[Entry, float] | None:
+        try:
+            found = await self.cache.get(key)
+        except CacheError:
+            return None
+        if found is None:
+            return None
+        entry = Entry.decode(found[0])
+        return (entry, found[1]) if entry is not None else None
+
+    async def _cache_set(self, key: str, entry: Entry, data: bytes) -> bool:
+        ttl = self.config.cache_ttl_s if entry.verdict is None else self.config.negative_ttl_s
+        try:
+            await self.cache.set(key, data, ttl)
+        except CacheError:
+            return False
+        return True
+
+    async def _follow(self, ctx: RequestContext, task: Any) -> Entry:
+        try:
+            result: _FlightResult = await join(task, self.config.follow_timeout_s)
+        except TimeoutError:
+            raise Problem("upstream_timeout", "the identical request this one joined did not finish in time") from None
+        ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
+        return result.entry
+
+    async def _lead(
+        self, key: str, upload: Upload, reservation: Reservation | None, opts: AnalyzeOptions
+    ) -> _FlightResult:
+        """The flight: win leadership across replicas, call, store, settle, announce.
+
+        Runs detached from the HTTP request, so it settles the reservation exactly once
+        however it ends, and always closes the upload it was handed.
+        """
+        lease: Lease | None = None
+        settled = False
+
+        async def settle(spent: bool) -> None:
+            nonlocal settled
+            if not settled:
+                settled = True
+                await self._settle(reservation, spent=spent)
+
+        try:
+            if not opts.no_cache:
+                won = await self._win(key)
+                if isinstance(won, _FlightResult):
+                    await settle(False)
+                    return won
+                lease = won
+            report = CallReport()
+            payload = ImagePayload(upload.filename, upload.body.content(), upload.mime)
+            try:
+                async with renewing(lambda: self._renew(lease), self.config.lock_ttl_s / 3):
+                    answer = await self.upstream.call(payload, report)
+                entry = self._entry(answer, upload)
+            except UpstreamFailure as failure:
+                await settle(failure.billed)
+                await self._release(lease, Outcome("error", _encode_problem(failure.problem)))
+                lease = None
+                raise failure.problem from None
+            await settle(answer.billed)
+            data = entry.encode()
+            stored = entry.verdict is None or entry.verdict.cacheable
+            stored = stored and not opts.no_store and await self._cache_set(key, entry, data)
+            await self._release(lease, Outcome("done", data))
+            lease = None
+            return _FlightResult(entry, "fresh", stored, report.attempts, report.upstream_s)
+        except BaseException:
+            await settle(False)
+            if lease is not None:
+                await self._release(lease, Outcome("abandoned"))
+            raise
+        finally:
+            upload.close()
+
+    async def _win(self, key: str) -> Lease | _FlightResult | None:
+        """Lead ``key`` across replicas, or end up with the answer another replica produced.
+
+        None means "lead without a lease": coordination is unavailable, and paying for
+        a duplicate call beats failing a request that could be served.
+        """
+        deadline = time.monotonic() + self.config.follow_timeout_s
+        while True:
+            try:
+                lease = await self.coordinator.acquire(key)
+            except CacheError:
+                return None  # coordination down: fail open, lead without a lease
+            if lease is not None:
+                found = await self._cache_get(key)  # a remote leader may have just finished
+                if found is None:
+                    return lease
+                await self._release(lease, Outcome("abandoned"))
+                return _FlightResult(found[0], "cached", False, 0, None)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Problem("upstream_timeout", "the identical request on another replica did not finish in time")
+            try:
+                outcome = await self.coordinator.wait(key, min(self.config.lock_ttl_s, remaining))
+            except CacheError:
+                return None
+            if outcome.kind == "done":
+                entry = Entry.decode(outcome.payload)
+                if entry is not None:
+                    return _FlightResult(entry, "remote", False, 0, None)
+            elif outcome.kind == "error":
+                raise _decode_problem(outcome.payload)
+            found = await self._cache_get(key)
+            if found is not None:
+                return _FlightResult(found[0], "cached", False, 0, None)
+
+    async def _renew(self, lease: Lease | None) -> bool:
+        renew = getattr(self.coordinator, "renew", None)
+        if lease is None or renew is None:
+            return False
+        try:
+            return bool(await renew(lease))
+        except CacheError:
+            return False
+
+    async def _release(self, lease: Lease | None, outcome: Outcome) -> None:
+        if lease is None:
+            return
+        try:
+            await self.coordinator.release(lease, outcome)
+        except CacheError:
+            log.warning("could not release a single-flight lease; it will expire by itself")
+
+    def _entry(self, answer: UpstreamAnswer, upload: Upload) -> Entry:
+        """Check the answer is usable before it is cached or charged as a success."""
+        if answer.verdict is None or answer.verdict.kind is Kind.NO_FACE:
+            try:
+                normalize_faces(answer.body)
+            except UpstreamFormatError:
+                raise UpstreamFailure(
+                    Problem("upstream_error", "ailabapi answered in a shape facegate does not know"),
+                    retryable=False,
+                    billed=False,
+                    reason="bad_shape",
+                ) from None
+        return Entry(
+            status=answer.status,
+            body=answer.content,
+            provider="simulator" if answer.simulated else "ailabapi",
+            analyzed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            image={
+                "sha256": upload.sha256,
+                "width": upload.facts.width,
+                "height": upload.facts.height,
+                "format": upload.facts.format,
+                "bytes": upload.size,
+            },
+        )
+
+
+def _encode_problem(problem: Problem) -> bytes:
+    return orjson.dumps({"code": problem.code, "detail": problem.detail, "retry_after": problem.retry_after})
+
+
+def _decode_problem(payload: bytes) -> Problem:
+    try:
+        obj = orjson.loads(payload)
+        return Problem(str(obj["code"]), str(obj.get("detail") or ""), retry_after=obj.get("retry_after"))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return Problem("upstream_error", "the identical request this one joined failed")

@@ -1,0 +1,297 @@
+"""Request collapsing: N identical concurrent requests make one upstream call.
+
+Two layers. In one process, the first request for a key starts a *flight* (a task
+detached from any one HTTP request, so a disconnecting client does not cancel a call
+that others wait for, or that was already paid for) and later requests await it.
+Across replicas, the flight's leader takes a lease in a :class:`Coordinator` (a Redis
+lock with an owner token, renewed while the call runs); the other replicas' flights
+wait to be told the outcome, and take over if the lease expires because its holder
+died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Literal, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+
+from app.cache import CacheError
+from app.redisconn import RedisDown, RedisHealth
+
+log = logging.getLogger("facegate.singleflight")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a remote leader announced: the entry bytes, an error, or that it gave up."""
+
+    kind: Literal["done", "error", "abandoned", "timeout"]
+    payload: bytes = b""
+
+
+class Lease(Protocol):
+    key: str
+
+
+class Coordinator(Protocol):
+    """Cross-replica leadership for one key at a time."""
+
+    async def acquire(self, key: str) -> Lease | None:
+        """The lease if this replica now leads ``key``; None if another one does."""
+
+    async def wait(self, key: str, timeout_s: float) -> Outcome:
+        """Wait (without polling) for the current leader of ``key`` to finish."""
+
+    async def release(self, lease: Lease, outcome: Outcome) -> None:
+        """Give the lease back and tell the waiting replicas how it ended."""
+
+    async def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _LocalLease:
+    key: str
+
+
+class LocalCoordinator:
+    """One process: every flight leads (the in-process layer already collapses)."""
+
+    async def acquire(self, key: str) -> Lease | None:
+        return _LocalLease(key)
+
+    async def wait(self, key: str, timeout_s: float) -> Outcome:  # pragma: no cover - never called
+        return Outcome("abandoned")
+
+    async def release(self, lease: Lease, outcome: Outcome) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class Flights(Generic[T]):
+    """In-process flights by key."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[T]] = {}
+        self._anonymous: set[asyncio.Task[T]] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tasks
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, key: str, work: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """Start the flight for ``key`` (the caller checked none is running)."""
+
+        async def run() -> T:
+            try:
+                return await work()
+            finally:
+                self._tasks.pop(key, None)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"flight:{key[:12]}")
+        # A flight nobody awaits any more must not log "exception never retrieved".
+        task.add_done_callback(_consume)
+        self._tasks[key] = task
+        return task
+
+    def start_anonymous(self, work: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """A detached call nobody may join (``Cache-Control: no-cache``)."""
+
+        async def run() -> T:
+            return await work()
+
+        task = asyncio.get_running_loop().create_task(run(), name="flight:anonymous")
+        task.add_done_callback(_consume)
+        self._anonymous.add(task)
+        task.add_done_callback(self._anonymous.discard)
+        return task
+
+    def get(self, key: str) -> asyncio.Task[T] | None:
+        return self._tasks.get(key)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let running flights finish (graceful shutdown): their calls may already be paid."""
+        tasks = [*self._tasks.values(), *self._anonymous]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+
+def _consume(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def join(task: asyncio.Task[T], timeout_s: float) -> T:
+    """Await a flight without being able to cancel it, for at most ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        return await asyncio.shield(task)
+
+
+@contextlib.asynccontextmanager
+async def renewing(renew: Callable[[], Awaitable[bool]], every_s: float):  # type: ignore[no-untyped-def]
+    """Keep a lease alive while the body runs (a dead leader's lease then expires quickly)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            if not await renew():
+                return
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_KINDS: dict[bytes, Literal["done", "error", "abandoned"]] = {b"D": "done", b"E": "error", b"A": "abandoned"}
+
+
+@dataclass(slots=True)
+class RedisLease:
+    key: str
+    token: str
+
+
+class RedisCoordinator:
+    """Leadership by ``SET NX PX`` with an owner token; outcomes by pub/sub.
+
+    One pattern subscription per process carries every outcome, dispatched to local
+    waiters by key, so a thousand waiting requests hold no extra Redis connections and
+    nobody polls. The lease is short and renewed by its holder: if the holder dies, the
+    lease expires within ``lock_ttl_s`` and a waiting replica takes over. A waiter
+    registers before checking that the lease still exists, so an outcome published in
+    between is never missed for longer than that check.
+    """
+
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str, lock_ttl_s: float) -> None:
+        self._r = client
+        self._health = health
+        self._lock_prefix = f"{prefix}:sf:"
+        self._channel_prefix = f"{prefix}:sfc:"
+        self._ttl_ms = max(100, int(lock_ttl_s * 1000))
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._listener = asyncio.get_running_loop().create_task(self._listen(), name="singleflight-listener")
+
+    async def _listen(self) -> None:
+        """Keep one pattern subscription alive for the life of the process."""
+        backoff = 0.1
+        while True:
+            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self._channel_prefix + "*")
+                self._subscribed.set()
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "pmessage":
+                        self._dispatch(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis/network failure: resubscribe after a pause
+                self._subscribed.clear()
+                log.warning("single-flight subscription lost (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        key = channel.decode()[len(self._channel_prefix) :]
+        outcome = Outcome(_KINDS.get(data[:1], "abandoned"), bytes(data[1:]))
+        for future in self._waiters.pop(key, []):
+            if not future.done():
+                future.set_result(outcome)
+
+    async def acquire(self, key: str) -> Lease | None:
+        token = uuid.uuid4().hex
+        try:
+            won = await self._health.run(
+                "singleflight", lambda: self._r.set(self._lock_prefix + key, token, nx=True, px=self._ttl_ms)
+            )
+        except RedisDown:
+            raise CacheError("redis") from None
+        return RedisLease(key, token) if won else None
+
+    async def renew(self, lease: Lease) -> bool:
+        assert isinstance(lease, RedisLease)
+        try:
+            kept = await self._health.run(
+                "singleflight",
+                lambda: self._renew(keys=[self._lock_prefix + lease.key], args=[lease.token, self._ttl_ms]),
+            )
+        except RedisDown:
+            return False
+        return bool(kept)
+
+    async def wait(self, key: str, timeout_s: float) -> Outcome:
+        if not self._subscribed.is_set():
+            raise CacheError("not subscribed")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(future)
+        try:
+            try:
+                held = await self._health.run("singleflight", lambda: self._r.exists(self._lock_prefix + key))
+            except RedisDown:
+                raise CacheError("redis") from None
+            if not held:
+                return Outcome("abandoned")
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await future
+            except TimeoutError:
+                return Outcome("timeout")
+        finally:
+            waiting = self._waiters.get(key)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self._waiters[key]
+
+    async def release(self, lease: Lease, outcome: Outcome) -> None:
+        assert isinstance(lease, RedisLease)
+        message = {"done": b"D", "error": b"E"}.get(outcome.kind, b"A") + outcome.payload
+        try:
+            await self._health.run(
+                "singleflight",
+                lambda: self._release(
+                    keys=[self._lock_prefix + lease.key], args=[lease.token, self._channel_prefix + lease.key, message]
+                ),
+            )
+        except RedisDown:
+            raise CacheError("redis") from None
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener

@@ -1,0 +1,205 @@
+"""Tenant registry and API-key authentication.
+
+Tenants live in a TOML file that stores only the SHA-256 of each key, so the file can
+sit in a ConfigMap or a git repository without exposing anything usable. Several
+hashes per tenant allow rotation without downtime. The file is reloaded when it
+changes (or on SIGHUP); a broken edit keeps the previous registry and logs why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger("facegate.tenants")
+
+KEY_PREFIX: Final = "fg_"
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Longest credential looked at; anything longer cannot be a facegate key and is not hashed.
+MAX_KEY_LENGTH: Final = 256
+
+DEFAULT_LIMITS: Final = {"rate_per_s": 10.0, "burst": 20, "daily_quota": 1000, "monthly_quota": 20000}
+
+
+class TenantsFileError(ValueError):
+    """The tenants file is unusable; the message is one line meant for an operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-tenant limits. ``None`` quota = unlimited."""
+
+    rate_per_s: float
+    burst: int
+    daily_quota: int | None
+    monthly_quota: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str
+    limits: Limits
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a key. SHA-256 is enough: keys are 256-bit random, not passwords."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh tenant key: ``fg_`` + 32 random bytes, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class TenantRegistry:
+    """An immutable snapshot of the tenants file."""
+
+    def __init__(self, tenants: Mapping[str, Tenant], key_owners: Mapping[str, str]) -> None:
+        self.tenants: dict[str, Tenant] = dict(tenants)
+        self._key_owners: dict[str, str] = dict(key_owners)
+
+    def __len__(self) -> int:
+        return len(self.tenants)
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        """The tenant owning ``key``, or None — the same work whether or not the tenant exists.
+
+        Only digests are compared. A timing side channel on the lookup could at most
+        reveal how much of the digest of the caller's own guess matches a stored digest,
+        which says nothing about any stored key (SHA-256 preimage resistance); so this is
+        as safe as a constant-time compare, without scanning every key.
+        """
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return None
+        owner = self._key_owners.get(hash_key(key))
+        return self.tenants.get(owner) if owner is not None else None
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> TenantRegistry:
+        defaults = _limits(dict(DEFAULT_LIMITS), data.get("defaults", {}), "defaults")
+        tenants_table = data.get("tenants", {})
+        if not isinstance(tenants_table, dict):
+            raise TenantsFileError("[tenants] must be a table of tenants")
+        tenants: dict[str, Tenant] = {}
+        owners: dict[str, str] = {}
+        for name, table in tenants_table.items():
+            if not _NAME.match(name):
+                raise TenantsFileError(f"tenant name {name!r}: use 1-64 letters, digits, '_' or '-'")
+            if not isinstance(table, dict):
+                raise TenantsFileError(f"[tenants.{name}] must be a table")
+            unknown = set(table) - {"key_sha256", "disabled", *DEFAULT_LIMITS}
+            if unknown:
+                raise TenantsFileError(f"[tenants.{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
+            hashes = table.get("key_sha256", [])
+            if isinstance(hashes, str):
+                hashes = [hashes]
+            if not isinstance(hashes, list) or not hashes:
+                raise TenantsFileError(f"[tenants.{name}]: key_sha256 must list at least one key hash")
+            if table.get("disabled", False) is True:
+                continue
+            tenants[name] = Tenant(name, _limits(_as_dict(defaults), table, f"tenants.{name}"))
+            for digest in hashes:
+                if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
+                    raise TenantsFileError(f"[tenants.{name}]: key_sha256 entries must be 64 hex characters")
+                if digest.lower() in owners:
+                    raise TenantsFileError(f"[tenants.{name}]: a key hash is also used by {owners[digest.lower()]}")
+                owners[digest.lower()] = name
+        return cls(tenants, owners)
+
+    @classmethod
+    def load(cls, path: Path) -> TenantRegistry:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise TenantsFileError(
+                f"tenants file {path} not found (create one: facegate keys create --tenant NAME)"
+            ) from None
+        except OSError as exc:
+            raise TenantsFileError(f"tenants file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise TenantsFileError(f"tenants file {path}: invalid TOML ({exc})") from None
+        return cls.parse(data)
+
+
+def _as_dict(limits: Limits) -> dict[str, Any]:
+    return {
+        "rate_per_s": limits.rate_per_s,
+        "burst": limits.burst,
+        "daily_quota": limits.daily_quota,
+        "monthly_quota": limits.monthly_quota,
+    }
+
+
+def _limits(base: dict[str, Any], table: Any, where: str) -> Limits:
+    if not isinstance(table, dict):
+        raise TenantsFileError(f"[{where}] must be a table")
+    merged = {**base, **{k: v for k, v in table.items() if k in DEFAULT_LIMITS}}
+    rate, burst = merged["rate_per_s"], merged["burst"]
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
+        raise TenantsFileError(f"[{where}] rate_per_s must be a number > 0")
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise TenantsFileError(f"[{where}] burst must be an integer >= 1")
+    return Limits(float(rate), burst, _quota(merged["daily_quota"], where), _quota(merged["monthly_quota"], where))
+
+
+def _quota(value: Any, where: str) -> int | None:
+    if value is None or value == "unlimited":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TenantsFileError(f'[{where}] quotas must be integers >= 0 or "unlimited"')
+    return value
+
+
+class TenantStore:
+    """Holds the current registry and swaps it when the file changes.
+
+    Reload keeps counters (they live in the quota backend, keyed by tenant name) and
+    keeps the old registry when the new file is broken: a typo must not lock every
+    tenant out.
+    """
+
+    def __init__(self, path: Path | None, registry: TenantRegistry) -> None:
+        self.path = path
+        self.registry = registry
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self, *, force: bool = False) -> bool:
+        """Re-read the file if it changed (or ``force``). True when a new registry is live."""
+        if self.path is None:
+            return False
+        stamp = self._file_stamp()
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            registry = TenantRegistry.load(self.path)
+        except TenantsFileError as exc:
+            log.error("tenants file reload failed, keeping the previous registry: %s", exc)
+            return False
+        self.registry = registry
+        log.info("tenants file reloaded: %d tenant(s)", len(registry))
+        return True
+
+
+def paste_line(key: str) -> str:
+    """The TOML line an operator pastes under ``[tenants.NAME]``."""
+    return f'key_sha256 = ["{hash_key(key)}"]'

@@ -1,0 +1,201 @@
+"""The one client that spends money: a single attempt at ailabapi's endpoint.
+
+It turns every way a call can end into one of two things: an :class:`UpstreamAnswer`
+(success, or a deterministic verdict on the image that may be cached) or an
+:class:`UpstreamFailure` carrying the problem code to answer. Retries, the circuit
+breaker and the global limiter wrap this in ``resilience.py``; keeping one attempt
+here keeps each concern testable on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import IO, Any, Protocol
+
+import httpx
+import orjson
+
+from app.errors import Problem
+from app.upstream import contract
+from app.upstream.contract import Kind, UpstreamCode
+
+SIMULATOR_HEADER = "x-facegate-simulator"
+
+#: Which problem each kind of upstream error becomes (verdicts are answers, not failures).
+_PROBLEM_OF_KIND: dict[Kind, str] = {
+    Kind.BAD_REQUEST: "upstream_error",
+    Kind.AUTH: "upstream_auth",
+    Kind.CREDITS: "upstream_credits",
+    Kind.THROTTLED: "upstream_unavailable",
+    Kind.FAULT: "upstream_error",
+    Kind.OVERLOADED: "upstream_unavailable",
+    Kind.TIMEOUT: "upstream_timeout",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePayload:
+    """What is sent: exact bytes (or a rewound spool file), facegate's filename and type."""
+
+    filename: str
+    content: bytes | IO[bytes]
+    mime: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAnswer:
+    """ailabapi answered about the image: success (``verdict`` None) or a verdict row."""
+
+    status: int
+    body: dict[str, Any]
+    content: bytes  # the exact bytes ailabapi sent (the drop-in route replays them)
+    verdict: UpstreamCode | None
+    simulated: bool
+    billed: bool
+
+    @property
+    def upstream_request_id(self) -> str | None:
+        rid = self.body.get("request_id")
+        return rid if isinstance(rid, str) and rid else None
+
+
+class UpstreamFailure(Exception):
+    """The call failed; ``problem`` is what the caller sees, the rest drives retry and refund."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        retryable: bool,
+        billed: bool = False,
+        retry_after: float | None = None,
+        reason: str = "",
+    ) -> None:
+        super().__init__(problem.code)
+        self.problem = problem
+        self.retryable = retryable
+        self.billed = billed
+        self.retry_after = retry_after
+        #: Short machine-friendly reason for metrics and logs (never contains secrets).
+        self.reason = reason or problem.code
+
+
+class Upstream(Protocol):
+    """One attempt at analyzing an image, bounded by ``timeout_s``."""
+
+    async def analyze(self, image: ImagePayload, *, timeout_s: float) -> UpstreamAnswer: ...
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class AilabapiClient:
+    """ailabapi over one pooled ``httpx.AsyncClient`` owned by the app's lifespan."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        api_key: str,
+        connect_timeout_s: float,
+        billed_error_codes: frozenset[str] = frozenset(),
+    ) -> None:
+        self._http = http
+        self._url = base_url.rstrip("/") + contract.ANALYZE_PATH
+        self._key = api_key
+        self._connect_timeout_s = connect_timeout_s
+        self._billed = billed_error_codes
+
+    async def analyze(self, image: ImagePayload, *, timeout_s: float) -> UpstreamAnswer:
+        if hasattr(image.content, "seek"):
+            image.content.seek(0)
+        timeout = httpx.Timeout(timeout_s, connect=min(self._connect_timeout_s, timeout_s))
+        try:
+            response = await self._http.post(
+                self._url,
+                headers={contract.KEY_HEADER: self._key},
+                files={contract.IMAGE_FIELD: (image.filename, image.content, image.mime)},
+                timeout=timeout,
+                follow_redirects=False,
+            )
+        except httpx.TimeoutException:
+            raise UpstreamFailure(
+                Problem("upstream_timeout", f"ailabapi did not answer within {timeout_s:.3g} s"),
+                retryable=True,
+                reason="timeout",
+            ) from None
+        except httpx.ConnectError:
+            raise UpstreamFailure(
+                Problem("upstream_unavailable", "could not connect to ailabapi"), retryable=True, reason="connect"
+            ) from None
+        except httpx.TransportError:
+            raise UpstreamFailure(
+                Problem("upstream_error", "the connection to ailabapi broke off"), retryable=True, reason="transport"
+            ) from None
+        return self._classify(response)
+
+    def _classify(self, response: httpx.Response) -> UpstreamAnswer:
+        simulated = response.headers.get(SIMULATOR_HEADER) == "1"
+        if 300 <= response.status_code < 400:
+            # Never follow: the key must not travel to another origin.
+            raise UpstreamFailure(
+                Problem("upstream_error", "ailabapi answered with a redirect, which facegate does not follow"),
+                retryable=False,
+                reason="redirect",
+            )
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            row = contract.lookup(None, response.status_code) if response.status_code != 200 else None
+            if row is not None and row.kind is not Kind.FAULT:
+                raise self._failure(row, response)
+            raise UpstreamFailure(
+                Problem("upstream_error", "ailabapi answered something that is not its JSON envelope"),
+                retryable=response.status_code in (502, 503, 504),
+                reason="malformed",
+            )
+        code = contract.error_code_of(body)
+        if response.status_code == 200 and not code:
+            return UpstreamAnswer(200, body, response.content, None, simulated, billed=True)
+        row = contract.lookup(code, response.status_code if response.status_code != 200 else _declared(body))
+        if row.kind in (Kind.IMAGE, Kind.NO_FACE):
+            status = response.status_code if response.status_code != 200 else row.status
+            return UpstreamAnswer(status, body, response.content, row, simulated, billed=row.code in self._billed)
+        raise self._failure(row, response)
+
+    def _failure(self, row: UpstreamCode, response: httpx.Response) -> UpstreamFailure:
+        problem_code = _PROBLEM_OF_KIND.get(row.kind, "upstream_error")
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        detail = f"ailabapi answered {row.code} (HTTP {response.status_code})"
+        return UpstreamFailure(
+            Problem(problem_code, detail, retry_after=retry_after if problem_code != "upstream_error" else None),
+            retryable=row.retryable,
+            billed=row.code in self._billed,
+            retry_after=retry_after,
+            reason=row.code,
+        )
+
+
+def _declared(body: dict[str, Any]) -> int:
+    """The status an HTTP-200 error envelope declares in ``error_detail.status_code``."""
+    detail = body.get("error_detail")
+    status = detail.get("status_code") if isinstance(detail, dict) else None
+    return status if isinstance(status, int) and not isinstance(status, bool) and 400 <= status < 600 else 500

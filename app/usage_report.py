@@ -1,0 +1,71 @@
+"""``facegate usage``: the operator's view of every tenant's limits and usage, read from Redis."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from app import redisconn
+from app.quota import QuotaUnavailable, RedisLimiter, Usage
+from app.settings import Settings
+from app.tenants import TenantRegistry, TenantsFileError
+
+
+def usage_dict(u: Usage) -> dict[str, object]:
+    """The same fields as ``GET /v1/usage``."""
+    return {
+        "tenant": u.tenant,
+        "rate_limit": {"rate_per_s": u.limits.rate_per_s, "burst": u.limits.burst, "remaining": u.rate.remaining},
+        "quotas": {
+            q.name: {"limit": q.limit, "used": q.used, "remaining": q.remaining, "reset_s": round(q.reset_s)}
+            for q in u.quotas
+        },
+        "credits_spent": {"day": u.credits_day, "month": u.credits_month},
+        "cache": {
+            "day": {"hits": u.hits_day, "misses": u.misses_day},
+            "month": {"hits": u.hits_month, "misses": u.misses_month},
+        },
+    }
+
+
+def _fmt(limit: int | None, used: int) -> str:
+    return f"{used}/{'∞' if limit is None else limit}"
+
+
+async def print_usage(settings: Settings, tenant: str | None, *, as_json: bool) -> None:
+    if not settings.redis_url:
+        print(
+            "facegate: usage is kept in the serving process's memory when FACEGATE_REDIS_URL is not set; "
+            "ask the running server (GET /v1/usage with the tenant's key) or configure Redis.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    try:
+        registry = TenantRegistry.load(settings.tenants_file)
+    except TenantsFileError as exc:
+        print(f"facegate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    names = [tenant] if tenant else sorted(registry.tenants)
+    unknown = [n for n in names if n not in registry.tenants]
+    if unknown:
+        print(f"facegate: unknown tenant {unknown[0]!r}", file=sys.stderr)
+        raise SystemExit(2)
+    client = redisconn.connect(settings)
+    limiter = RedisLimiter(client, redisconn.RedisHealth(), settings.redis_prefix)
+    try:
+        reports = [await limiter.usage(registry.tenants[n]) for n in names]
+    except QuotaUnavailable:
+        print("facegate: Redis is unreachable", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        await client.aclose()
+    if as_json:
+        print(json.dumps([usage_dict(u) for u in reports], indent=2))
+        return
+    print(f"{'tenant':<20} {'today':>14} {'this month':>14} {'credits d/m':>14} {'hits/misses today':>18}")
+    for u in reports:
+        day, month = u.quotas
+        print(
+            f"{u.tenant:<20} {_fmt(day.limit, day.used):>14} {_fmt(month.limit, month.used):>14} "
+            f"{f'{u.credits_day}/{u.credits_month}':>14} {f'{u.hits_day}/{u.misses_day}':>18}"
+        )

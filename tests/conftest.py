@@ -1,0 +1,306 @@
+"""Shared fixtures: a real simulator, real gateway processes, a real Redis.
+
+Everything runs over loopback sockets. Redis: ``FACEGATE_TEST_REDIS_URL`` if set, else
+127.0.0.1:6379 if it answers, else a throwaway ``redis-server`` on a free port; tests
+that need Redis are skipped with the reason when none of these is possible. Each
+gateway gets its own Redis key prefix, so tests never see each other's keys and nothing
+is flushed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from app.tenants import new_key, paste_line
+from tests.imagegen import make_image
+from tests.servers import ServerProcess, free_port, start_process
+
+SIM_KEY = "sim-test-key-0123456789"
+PY = sys.executable
+_seeds = itertools.count(1000)
+
+
+def unique_image(fmt: str = "jpeg", width: int = 128, height: int = 128, **kw: Any) -> bytes:
+    """A fresh image (never seen before in this test session: no cache interplay)."""
+    return make_image(fmt, width, height, seed=next(_seeds), **kw)
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+def _pings(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server we own (so tests may stop and restart it)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server); needed to stop/start Redis")
+        self.binary = binary
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="facegate-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _pings(self.url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("FACEGATE_TEST_REDIS_URL")
+    if url:
+        if not _pings(url):
+            pytest.fail(f"FACEGATE_TEST_REDIS_URL={url} does not answer PING")
+        yield url
+        return
+    if _pings("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip("no Redis: set FACEGATE_TEST_REDIS_URL, run one on 127.0.0.1:6379, or install redis-server")
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis this test may stop and restart."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# --- simulator ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sim:
+    server: ServerProcess
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/_sim/reset", timeout=5).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        data: dict[str, Any] = httpx.get(self.url + "/_sim/stats", timeout=5).json()
+        return data
+
+    @property
+    def calls(self) -> int:
+        return int(self.stats()["calls"])
+
+    def faults(self, *faults: dict[str, Any], latency_ms: int = 0) -> None:
+        httpx.post(
+            self.url + "/_sim/faults", json={"faults": list(faults), "latency_ms": latency_ms}, timeout=5
+        ).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def sim_server() -> Iterator[ServerProcess]:
+    port = free_port()
+    with start_process([PY, "-m", "app.upstream.sim", "--port", str(port), "--key", SIM_KEY], None, port) as server:
+        yield server
+
+
+@pytest.fixture
+def sim(sim_server: ServerProcess) -> Sim:
+    """The session's simulator, reset (counters zero, no faults) for this test."""
+    s = Sim(sim_server)
+    s.reset()
+    return s
+
+
+# --- gateway -----------------------------------------------------------------------------
+
+
+@dataclass
+class Gateway:
+    server: ServerProcess
+    keys: dict[str, str]
+    tenants_file: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def key(self, tenant: str = "alpha") -> str:
+        return self.keys[tenant]
+
+    def client(self, tenant: str | None = "alpha", **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 30), **kw)
+
+    def analyze(self, image: bytes, tenant: str = "alpha", **kw: Any) -> httpx.Response:
+        with self.client(tenant) as c:
+            return c.post("/v1/faces/analyze", files={"image": ("x.jpg", image, "image/jpeg")}, **kw)
+
+    def logs(self) -> str:
+        return self.server.output()
+
+
+def write_tenants(
+    path: Path, tenants: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """Write a tenants file; returns each tenant's (fresh) key."""
+    keys: dict[str, str] = {}
+    lines = ["[defaults]"]
+    for k, v in (
+        defaults or {"rate_per_s": 1000, "burst": 1000, "daily_quota": 100000, "monthly_quota": 1000000}
+    ).items():
+        lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+    for name, settings in tenants.items():
+        key = settings.get("key") or new_key()
+        keys[name] = key
+        lines.append(f"\n[tenants.{name}]")
+        lines.append(paste_line(key))
+        for k, v in settings.items():
+            if k != "key":
+                lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return keys
+
+
+def start_gateway(
+    sim: Sim | None,
+    tmp: Path,
+    *,
+    tenants: dict[str, dict[str, Any]] | None = None,
+    defaults: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    keys: dict[str, str] | None = None,
+) -> Gateway:
+    """Start ``facegate serve`` as a subprocess on a free port, against ``sim``."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    tenants_file = tmp / "tenants.toml"
+    if keys is None:
+        tenants = tenants or {"alpha": {}, "beta": {}}
+        if not tenants_file.exists():
+            keys = write_tenants(tenants_file, tenants, defaults)
+        else:
+            raise RuntimeError("pass keys= when reusing a tenants file")
+    port = free_port()
+    full_env = {
+        "FACEGATE_PORT": str(port),
+        "FACEGATE_HOST": "127.0.0.1",
+        "FACEGATE_TENANTS_FILE": str(tenants_file),
+        "FACEGATE_LOG_FORMAT": "json",
+        "FACEGATE_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12],
+        "FACEGATE_UPSTREAM_TIMEOUT_S": "10",
+        "FACEGATE_UPSTREAM_QPS": "10000",
+        "FACEGATE_UPSTREAM_MAX_CONCURRENCY": "500",
+        "FACEGATE_SHUTDOWN_GRACE_S": "5",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if sim is not None:
+        full_env["FACEGATE_UPSTREAM_URL"] = sim.url
+        full_env["FACEGATE_UPSTREAM_API_KEY"] = SIM_KEY
+    full_env.update(env or {})
+    server = start_process([PY, "-m", "app", "serve"], full_env, port, cwd=tmp)
+    return Gateway(server, keys, tenants_file, full_env)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A developer's own FACEGATE_* settings must not leak into test gateways.
+    for name in [n for n in os.environ if n.startswith("FACEGATE_") and not n.startswith("FACEGATE_TEST_")]:
+        del os.environ[name]
+
+
+@pytest.fixture
+def gateway_factory(sim: Sim, tmp_path: Path) -> Iterator[Any]:
+    """Start gateways with custom settings; all are stopped at the end of the test."""
+    started: list[Gateway] = []
+    counter = itertools.count()
+
+    def start(**kw: Any) -> Gateway:
+        kw.setdefault("tmp", tmp_path / f"gw{next(counter)}")
+        gw = start_gateway(kw.pop("sim", sim), kw.pop("tmp"), **kw)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_gateway(sim_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One in-memory gateway for the many tests that need no special settings."""
+    gw = start_gateway(Sim(sim_server), tmp_path_factory.mktemp("shared-gw"))
+    try:
+        yield gw
+    finally:
+        gw.server.stop()
+
+
+@pytest.fixture
+def gateway(shared_gateway: Gateway, sim: Sim) -> Gateway:
+    """The shared gateway, with the simulator reset for this test."""
+    return shared_gateway
