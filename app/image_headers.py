@@ -357,13 +357,17 @@ def _jpeg_frame(mv: memoryview, start: int, end: int, max_pixels: int) -> tuple[
 
 
 def _jpeg_check_scan(mv: memoryview, start: int, end: int, components: bytes) -> None:
-    """libjpeg refuses a scan header of the wrong length or naming a component twice or not at all."""
+    """Refuse a scan header libjpeg refuses: wrong length, or a component the frame lacks.
+
+    Some encoders repeat component ids; decoders patch that up in different ways, so
+    the component check is only made when the frame's ids are unique.
+    """
     count = mv[start] if start < end else 0
     if not 1 <= count <= 4 or end - start != 4 + 2 * count:
         raise _invalid("jpeg", "the JPEG scan header is corrupt")
-    selectors = mv[start + 1 : start + 1 + 2 * count : 2].tobytes()
-    if len(set(selectors)) != count or not set(selectors) <= set(components):
-        raise _invalid("jpeg", "the JPEG scan header names an unknown component")
+    selectors = set(mv[start + 1 : start + 1 + 2 * count : 2].tobytes())
+    if len(set(components)) == len(components) and not selectors <= set(components):
+        raise _invalid("jpeg", "the JPEG scan header names a component the frame does not have")
 
 
 def _jpeg_huffman_tables(mv: memoryview, start: int, end: int) -> int:

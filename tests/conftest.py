@@ -202,6 +202,10 @@ class Gateway:
         with self.client(tenant) as c:
             return c.post("/v1/faces/analyze", files={"image": ("x.jpg", image, "image/jpeg")}, **kw)
 
+    def analyze_files(self, files: Any, tenant: str = "alpha", **kw: Any) -> httpx.Response:
+        with self.client(tenant) as c:
+            return c.post("/v1/faces/analyze", files=files, **kw)
+
     def logs(self) -> str:
         return self.server.output()
 

@@ -137,9 +137,7 @@ class SimConfig(BaseSettings):
 
 # --------------------------------------------------------------------------- faults
 
-FaultMode = Literal[
-    "status", "bad_key", "no_credits", "malformed", "missing_field", "drop", "hang", "redirect"
-]
+FaultMode = Literal["status", "bad_key", "no_credits", "malformed", "missing_field", "drop", "hang", "redirect"]
 
 
 class Fault(BaseModel):
@@ -300,6 +298,8 @@ class _Sim:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.decode_slots = asyncio.Semaphore(config.decode_concurrency)
+        #: Set when an embedded simulator stops: ends every hang and latency wait.
+        self.wake = asyncio.Event()
         self.admitted = 0
         self.stats = _Stats()
         self.reset()
@@ -490,19 +490,25 @@ async def _read_image(headers: Headers, receive: Receive) -> _ImagePart:
     return part
 
 
-async def _pause(seconds: float, receive: Receive) -> None:
-    """Sleep, but stop as soon as the caller hangs up: a hung call must not outlive it."""
-    if seconds <= 0:
+async def _pause(seconds: float, receive: Receive, wake: asyncio.Event) -> None:
+    """Sleep, but stop as soon as the caller hangs up: a hung call must not outlive it.
+
+    ``wake`` ends the sleep early (the call then answers normally), so stopping an
+    embedded simulator does not have to wait out, or cancel, hung calls.
+    """
+    if seconds <= 0 or wake.is_set():
         return
     gone = asyncio.ensure_future(receive())
+    woken = asyncio.ensure_future(wake.wait())
     try:
-        done, _ = await asyncio.wait({gone}, timeout=seconds)
+        await asyncio.wait({gone, woken}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not gone.done():
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gone
-    if done:
+        for waiter in (gone, woken):
+            if not waiter.done():
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+    if gone.done() and not gone.cancelled():
         raise _ClientGone  # after the body, the only thing receive() returns is a disconnect
 
 
@@ -567,9 +573,7 @@ def _inspect(data: bytes) -> _Picture:
 def _gray_palette(img: Image.Image) -> bool:
     palette = img.getpalette() or []
     used = [index for _, index in img.getcolors(256) or [] if isinstance(index, int)]
-    return all(
-        palette[3 * i] == palette[3 * i + 1] == palette[3 * i + 2] for i in used if 3 * i + 2 < len(palette)
-    )
+    return all(palette[3 * i] == palette[3 * i + 1] == palette[3 * i + 2] for i in used if 3 * i + 2 < len(palette))
 
 
 def _parse_directive(data: bytes) -> _Directive:
@@ -590,9 +594,7 @@ def _parse_directive(data: bytes) -> _Directive:
         faces = int(values["faces"]) if "faces" in values else None
         latency = int(values.get("latency_ms", "0"))
     except ValueError:
-        raise _Refusal(
-            "ERROR_INVALID_PARAMETER", "simulator directive: faces/latency_ms must be integers"
-        ) from None
+        raise _Refusal("ERROR_INVALID_PARAMETER", "simulator directive: faces/latency_ms must be integers") from None
     error, shape = values.get("error"), values.get("shape")
     if faces is not None and not 0 <= faces <= MAX_FACES:
         raise _Refusal("ERROR_INVALID_PARAMETER", f"simulator directive: faces must be 0..{MAX_FACES}")
@@ -658,9 +660,7 @@ def _layout(digest: str, n: int, width: int, height: int) -> list[tuple[int, int
         side = min(cell_w, cell_h)
         w = max(min(contract.MIN_FACE_SIDE, side), int(side * rng.uniform(0.6, 0.9)))
         h = min(cell_h, int(w * rng.uniform(1.05, 1.25)))
-        boxes.append(
-            (col * cell_w + rng.randint(0, cell_w - w), row * cell_h + rng.randint(0, cell_h - h), w, h)
-        )
+        boxes.append((col * cell_w + rng.randint(0, cell_w - w), row * cell_h + rng.randint(0, cell_h - h), w, h))
     return boxes
 
 
@@ -812,7 +812,7 @@ class _Analyze:
             assert image.data is not None
             sim.stats.per_image[image.sha256] += 1
             fault = sim.take_fault()
-            await _pause(sim.latency_ms / 1000, receive)
+            await _pause(sim.latency_ms / 1000, receive, sim.wake)
             if fault is not None:
                 reply = await self._fault(fault, receive)
                 if reply is not None:
@@ -834,25 +834,18 @@ class _Analyze:
         if fault.mode == "no_credits":
             raise _Refusal("ERROR_NOT_ENOUGH_CREDITS")
         if fault.mode == "hang":
-            await _pause(fault.seconds, receive)
+            await _pause(fault.seconds, receive, self.sim.wake)
             return None
         if fault.mode == "redirect":
             assert fault.location is not None
             return _Reply(307, b"", "SIM_REDIRECT", content_type=None, headers={"Location": fault.location})
         if fault.mode == "malformed":
-            body = (
-                fault.body
-                or f'{{"request_id": "{uuid.uuid4().hex}", "error_code": 0, "face_detail_infos": [{{"'
-            )
-            return _Reply(
-                fault.status or 200, body.encode(), "SIM_MALFORMED", content_type=fault.content_type
-            )
+            body = fault.body or f'{{"request_id": "{uuid.uuid4().hex}", "error_code": 0, "face_detail_infos": [{{"'
+            return _Reply(fault.status or 200, body.encode(), "SIM_MALFORMED", content_type=fault.content_type)
         envelope = _envelope()
         if fault.mode == "missing_field":
             return _json_reply(200, envelope, "SIM_MISSING_FIELD")
-        reply = _json_reply(
-            200, {**envelope, "image_width": 0, "image_height": 0, "face_detail_infos": []}, "SIM_DROP"
-        )
+        reply = _json_reply(200, {**envelope, "image_width": 0, "image_height": 0, "face_detail_infos": []}, "SIM_DROP")
         reply.drop = True
         return reply
 
@@ -860,7 +853,7 @@ class _Analyze:
         async with self.sim.decode_slots:
             picture = await asyncio.to_thread(_inspect, data)
         directive = picture.directive
-        await _pause(directive.latency_ms / 1000, receive)
+        await _pause(directive.latency_ms / 1000, receive, self.sim.wake)
         if directive.error:
             no_face = directive.error == "ERROR_NO_FACE_IN_FILE"
             raise _Refusal(directive.error, NO_FACE_MESSAGE if no_face else None)
@@ -1080,6 +1073,7 @@ class BackgroundSim:
         if self._task is not None:
             return self
         _warn_if_exposed(self.host)
+        _sim_of_app(self.app).wake.clear()
         self._sock = _bind(self.host, self.port)
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(
@@ -1104,6 +1098,7 @@ class BackgroundSim:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
+        _sim_of_app(self.app).wake.set()
         if self._server is not None:
             self._server.should_exit = True
         try:
@@ -1126,9 +1121,7 @@ def _sim_of_app(app: Starlette) -> _Sim:
     return sim
 
 
-async def start_background(
-    host: str = "127.0.0.1", port: int = 0, config: SimConfig | None = None
-) -> BackgroundSim:
+async def start_background(host: str = "127.0.0.1", port: int = 0, config: SimConfig | None = None) -> BackgroundSim:
     """Start a simulator in the running event loop; ``port=0`` picks a free port (see ``.url``)."""
     return await BackgroundSim(host, port, config).start()
 
@@ -1139,9 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--shape", choices=["tencent", "list"], help="default answer shape")
-    parser.add_argument(
-        "--key", action="append", dest="keys", metavar="KEY", help="accepted key (repeatable)"
-    )
+    parser.add_argument("--key", action="append", dest="keys", metavar="KEY", help="accepted key (repeatable)")
     parser.add_argument("--latency-ms", type=int)
     parser.add_argument("--qps", type=float)
     parser.add_argument("--max-concurrency", type=int)

@@ -1,0 +1,53 @@
+# facegate — the two commands a newcomer needs: `make run` and `make test`.
+# Both create .venv on first use and install the pinned dependencies (constraints.txt).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: help run test lint bench lock clean venv
+
+help:
+	@echo "make run    start facegate on 127.0.0.1:8000 (sandbox simulator when no ailabapi key is set)"
+	@echo "make test   run the whole test suite (real sockets, real Redis)"
+	@echo "make lint   ruff, mypy --strict, hadolint, manifest validation"
+	@echo "make bench  run the benchmarks and rewrite BENCHMARKS.md"
+	@echo "make lock   re-resolve dependencies into constraints.txt"
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "facegate needs Python >= 3.11; found: $$($(PYTHON) --version 2>&1). Set PYTHON=python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/facegate serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy app tests
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m pytest -q tests/unit/test_deploy.py
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=24"
+	.lock-venv/bin/python -m pip install --quiet ".[dev]"
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^facegate' > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
