@@ -292,6 +292,12 @@ class _Stats:
         }
 
 
+@dataclass
+class _Armed:
+    fault: Fault
+    left: int | None  # calls still to fault; None = until cleared
+
+
 class _Sim:
     """All mutable state of one simulator. Touched only from the event loop, so no locks."""
 
@@ -308,7 +314,7 @@ class _Sim:
         # In-flight calls survive a reset; keep their count so it never goes negative.
         live = self.stats.in_flight
         self.stats = _Stats(in_flight=live, max_in_flight=live)
-        self.faults: deque[list[Any]] = deque()  # [Fault, remaining count or None]
+        self.faults: deque[_Armed] = deque()
         self.latency_ms = self.config.latency_ms
         self.limits = Limits(
             qps=self.config.qps,
@@ -331,13 +337,16 @@ class _Sim:
         self._refill_bucket()
 
     def set_plan(self, plan: FaultPlan) -> None:
-        self.faults = deque([fault, fault.count] for fault in plan.faults)
+        self.faults = deque(_Armed(fault, fault.count) for fault in plan.faults)
         self._fault_rng = _rng(self.config.fault_seed)
         if plan.latency_ms is not None:
             self.latency_ms = plan.latency_ms
 
     def plan_json(self) -> dict[str, Any]:
-        faults = [{**f.model_dump(exclude_defaults=True), "mode": f.mode, "count": left} for f, left in self.faults]
+        faults = [
+            {**armed.fault.model_dump(exclude_defaults=True), "mode": armed.fault.mode, "count": armed.left}
+            for armed in self.faults
+        ]
         return {"faults": faults, "latency_ms": self.latency_ms}
 
     def key_ok(self, key: str | None) -> bool:
@@ -372,14 +381,13 @@ class _Sim:
         if not self.faults:
             return None
         armed = self.faults[0]
-        fault: Fault = armed[0]
-        if fault.probability < 1 and self._fault_rng.random() >= fault.probability:
+        if armed.fault.probability < 1 and self._fault_rng.random() >= armed.fault.probability:
             return None
-        if armed[1] is not None:
-            armed[1] -= 1
-            if armed[1] <= 0:
+        if armed.left is not None:
+            armed.left -= 1
+            if armed.left <= 0:
                 self.faults.popleft()
-        return fault
+        return armed.fault
 
     def record(self, reply: _Reply) -> None:
         self.stats.by_code[reply.label] += 1

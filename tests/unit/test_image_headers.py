@@ -625,7 +625,7 @@ def test_huge_headers_are_refused_before_anything_else() -> None:
     for data in (png, jpeg, bmp):
         started = time.perf_counter()
         err = refused(data)
-        assert time.perf_counter() - started < 0.01
+        assert time.perf_counter() - started < 0.1  # microseconds in practice; CI slack
         assert err.code == "image_dimensions"
         assert "less than 4096" in err.detail
 
