@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "proxy_headers": False,
     }
     if settings.workers > 1 and not settings.sandbox:
+        _multiprocess_metrics_dir()
         uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
         return
     config = uvicorn.Config(create_app(settings, demo_key=demo_key), **common)  # type: ignore[arg-type]
@@ -93,6 +94,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server.run()
     if not server.started:
         raise SystemExit(3)
+
+
+def _multiprocess_metrics_dir() -> None:
+    """Several workers share one metrics directory (prometheus_client's multiprocess mode)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="facegate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    for stale in Path(path).glob("*.db"):  # values of a previous run would be summed in
+        stale.unlink()
 
 
 def cmd_check(args: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, redisconn
-from app.api import compat, ops, v1
+from app.api import compat, ops, try_page, v1
 from app.api.common import json_response
 from app.api.headers import context_headers
 from app.cache import CacheBackend, MemoryCache, RedisCache, TieredCache
@@ -120,7 +120,7 @@ async def _backends(
     )
     # The local tier is small: it spares Redis round trips on hot images, Redis holds the rest.
     local = MemoryCache(min(settings.cache_memory_max_bytes, 16 * 1024 * 1024))
-    cache = TieredCache(local, RedisCache(client, health, prefix))
+    cache = TieredCache(local, RedisCache(client, health, prefix, on_error=metrics.cache_errors.inc))
     return client, cache, RedisLimiter(client, health, prefix), coordinator, guard
 
 
@@ -182,6 +182,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter=limiter,
         upstream=upstream,
         coordinator=coordinator,
+        on_spent=lambda tenant: metrics.credits.labels(tenant).inc(),
     )
     rt = Runtime(
         settings=settings,
@@ -305,6 +306,8 @@ class EdgeMiddleware:
         self.metrics.request_seconds.labels(route).observe(seconds)
         if ctx.cache is not None:
             self.metrics.cache.labels(ctx.cache.label).inc()
+        if ctx.outcome in ("rate_limited", "quota_exceeded"):
+            self.metrics.rejections.labels(ctx.outcome, tenant).inc()
         access_log.info(
             "%s %s %d",
             scope["method"],
@@ -400,6 +403,7 @@ def create_app(settings: Settings | None = None, *, demo_key: str | None = None)
     app.include_router(v1.router)
     app.include_router(compat.router)
     app.include_router(ops.router)
+    app.include_router(try_page.router)  # 404 unless settings.try_page
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
@@ -67,7 +67,9 @@ class Metrics:
             "facegate_limit_rejections", "Requests refused by a limit.", ["reason", "tenant"], registry=r
         )
         self.credits = Counter("facegate_credits_spent", "Billable upstream calls, by tenant.", ["tenant"], registry=r)
-        self.uploads_in_flight = Gauge("facegate_uploads_in_flight", "Uploads being received right now.", registry=r)
+        self.uploads_in_flight = Gauge(
+            "facegate_uploads_in_flight", "Uploads being received right now.", registry=r, multiprocess_mode="livesum"
+        )
         self.redis_errors = Counter(
             "facegate_redis_errors", "Redis operations that failed, by component.", ["component"], registry=r
         )
@@ -75,13 +77,27 @@ class Metrics:
             "facegate_tenants_reloads", "Tenants file reloads, by result.", ["result"], registry=r
         )
 
+    def exposition(self) -> bytes:
+        """The text format for /metrics; with several workers, the sum over all of them.
+
+        One worker per container is the supported mode (exact, simplest). With
+        FACEGATE_WORKERS > 1, ``facegate serve`` sets PROMETHEUS_MULTIPROC_DIR and every
+        worker writes its values there; a scrape of any worker then aggregates them all.
+        """
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
     def breaker_changed(self, state: str) -> None:
         self.breaker.set(BREAKER_VALUES.get(state, 2))
 
 
 # --- logging ---------------------------------------------------------------------------
 
-_RESERVED: Final = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+#: Record attributes that are not ours to print (uvicorn adds a colourised copy of its message).
+_RESERVED: Final = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -126,8 +127,11 @@ class AnalyzeService:
         limiter: Limiter,
         upstream: ResilientUpstream,
         coordinator: Coordinator,
+        on_spent: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
+        #: Told the tenant each time the upstream billed a call (metrics; kept free of HTTP).
+        self._on_spent = on_spent
         self.cache = cache
         self.limiter = limiter
         self.upstream = upstream
@@ -152,18 +156,23 @@ class AnalyzeService:
             if running is not None:
                 await self._admit(ctx, tenant, reserve=False, record="misses")
                 return await self._follow(ctx, running)
+        fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
         admission = await self._admit(ctx, tenant, reserve=True, record="misses")
+        # From here on the request is forwarded: a failure of the call still reports the miss.
+        ctx.cache = CacheStatus(hit=False, fwd=fwd)
         running = None if opts.no_cache else self.flights.get(key)
         if running is not None:  # started while we were reserving
             await self._settle(admission.reservation, spent=False)
             return await self._follow(ctx, running)
         upload.handed_off = True
-        work = lambda: self._lead(key, upload, admission.reservation, opts)  # noqa: E731
+        work = lambda: self._lead(key, tenant, upload, admission.reservation, opts)  # noqa: E731
         task = self.flights.start(key, work) if not opts.no_cache else self.flights.start_anonymous(work)
-        result = await join(task, self.config.follow_timeout_s)
+        try:
+            result = await join(task, self.config.follow_timeout_s)
+        except TimeoutError:  # the flight waited for another replica, then called: it goes on detached
+            raise Problem("upstream_timeout", "the analysis did not finish in time") from None
         ctx.upstream_attempts = result.attempts
         ctx.upstream_s = result.upstream_s
-        fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
         if result.how == "fresh":
             ctx.cache = CacheStatus(hit=False, fwd=fwd, stored=result.stored)
         else:  # another replica answered it while we held the lead locally
@@ -245,15 +254,15 @@ class AnalyzeService:
         return True
 
     async def _follow(self, ctx: RequestContext, task: Any) -> Entry:
+        ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
         try:
             result: _FlightResult = await join(task, self.config.follow_timeout_s)
         except TimeoutError:
             raise Problem("upstream_timeout", "the identical request this one joined did not finish in time") from None
-        ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
         return result.entry
 
     async def _lead(
-        self, key: str, upload: Upload, reservation: Reservation | None, opts: AnalyzeOptions
+        self, key: str, tenant: Tenant, upload: Upload, reservation: Reservation | None, opts: AnalyzeOptions
     ) -> _FlightResult:
         """The flight: win leadership across replicas, call, store, settle, announce.
 
@@ -267,6 +276,8 @@ class AnalyzeService:
             nonlocal settled
             if not settled:
                 settled = True
+                if spent and self._on_spent is not None:
+                    self._on_spent(tenant.name)
                 await self._settle(reservation, spent=spent)
 
         try:

@@ -16,8 +16,8 @@ from PIL import Image, PngImagePlugin
 
 def pixels(width: int, height: int, *, seed: int = 0, mode: str = "RGB") -> Image.Image:
     """A deterministic noisy image: different seeds give different bytes (and hashes)."""
-    bands = len(Image.new(mode, (1, 1)).getbands())
-    data = random.Random(seed).randbytes(width * height * bands)
+    per_pixel = len(Image.new(mode, (1, 1)).tobytes())  # bands x bytes per band (16-bit modes)
+    data = random.Random(seed).randbytes(width * height * per_pixel)
     return Image.frombytes(mode, (width, height), data)
 
 

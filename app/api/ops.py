@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.api.common import json_response, runtime
 
@@ -28,4 +28,4 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(runtime(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

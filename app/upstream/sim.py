@@ -579,6 +579,7 @@ def _inspect(data: bytes) -> _Picture:
 
 
 def _gray_palette(img: Image.Image) -> bool:
+    """A palette image is grayscale in effect when every colour it actually uses is gray."""
     palette = img.getpalette() or []
     used = [index for _, index in img.getcolors(256) or [] if isinstance(index, int)]
     return all(palette[3 * i] == palette[3 * i + 1] == palette[3 * i + 2] for i in used if 3 * i + 2 < len(palette))
