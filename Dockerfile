@@ -3,6 +3,7 @@
 # facegate container image.
 #   docker build -t facegate .
 #   docker run --rm -p 8000:8000 -e FACEGATE_UPSTREAM_API_KEY_FILE=/run/secrets/key ... facegate
+#   docker run --rm --network none facegate keys create --tenant NAME   # key on stdout, TOML on stderr
 #
 # Two stages: the builder installs facegate and its pinned dependencies
 # (constraints.txt, a `pip freeze` of the tested environment) into a venv; the

