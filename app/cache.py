@@ -14,13 +14,15 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Final, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 
 from app.redisconn import RedisDown, RedisHealth
 from app.upstream import contract
+
+T = TypeVar("T")
 
 #: Bump when the meaning of a stored entry changes (not when the normalizer changes).
 FORMAT_VERSION: Final = "1"
@@ -111,10 +113,27 @@ class MemoryCache:
 class RedisCache:
     """Entries shared by all replicas. Every failure is a :class:`CacheError` (→ a miss)."""
 
-    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        health: RedisHealth,
+        prefix: str,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
         self._r = client
         self._health = health
         self._prefix = f"{prefix}:c:"
+        #: Called once per operation that went on without the cache (facegate_cache_errors),
+        #: including those skipped during the cool-down: it counts degraded requests.
+        self._on_error = on_error
+
+    async def _run(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await self._health.run("cache", op)
+        except RedisDown:
+            if self._on_error is not None:
+                self._on_error()
+            raise CacheError("redis") from None
 
     async def get(self, key: str) -> tuple[bytes, float] | None:
         async def op() -> list[Any]:
@@ -124,27 +143,16 @@ class RedisCache:
                 result: list[Any] = await pipe.execute()
                 return result
 
-        try:
-            value, pttl = await self._health.run("cache", op)
-        except RedisDown:
-            raise CacheError("redis") from None
+        value, pttl = await self._run(op)
         if value is None:
             return None
         return bytes(value), (pttl / 1000.0 if pttl and pttl > 0 else 0.0)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        try:
-            await self._health.run(
-                "cache", lambda: self._r.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))
-            )
-        except RedisDown:
-            raise CacheError("redis") from None
+        await self._run(lambda: self._r.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000))))
 
     async def delete(self, key: str) -> None:
-        try:
-            await self._health.run("cache", lambda: self._r.delete(self._prefix + key))
-        except RedisDown:
-            raise CacheError("redis") from None
+        await self._run(lambda: self._r.delete(self._prefix + key))
 
     async def close(self) -> None:
         return None

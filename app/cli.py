@@ -1,4 +1,4 @@
-"""``facegate``: serve | sim | check | keys | usage.
+"""``facegate``: serve | sim | check | keys | usage | analyze.
 
 Configuration errors end the command with one line on stderr and exit code 2 —
 never a traceback, never a secret.
@@ -9,15 +9,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 
 from app import __version__
 from app.settings import Settings, describe_error
 from app.tenants import TenantRegistry, TenantsFileError, new_key, paste_line
+
+if TYPE_CHECKING:
+    from app.client import AnalyzeResult
+    from app.schema.v1 import AnalysisV1
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -59,6 +65,17 @@ def banner(settings: Settings, demo_key: str | None) -> str:
     return "\n".join(lines)
 
 
+def _http_protocol(settings: Settings) -> type[object] | str:
+    """httptools with a bounded request head (``app/httpserver.py``); h11 if httptools is missing."""
+    try:
+        from app.httpserver import HEAD_TIMEOUT_S, BoundedHttpToolsProtocol
+    except ImportError:
+        return "h11"
+    # A request's head never gets longer than its body may take (worker processes keep the default).
+    BoundedHttpToolsProtocol.head_timeout_s = min(HEAD_TIMEOUT_S, settings.body_timeout_s)
+    return BoundedHttpToolsProtocol
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -81,9 +98,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "port": settings.port,
         "log_config": None,
         "access_log": False,
-        "timeout_graceful_shutdown": int(settings.shutdown_grace_s),
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_s),  # int() would turn 0.5 s into "none"
         "server_header": False,
         "proxy_headers": False,
+        "http": _http_protocol(settings),
     }
     if settings.workers > 1 and not settings.sandbox:
         _multiprocess_metrics_dir()
@@ -159,6 +177,163 @@ def cmd_usage(args: argparse.Namespace) -> None:
     asyncio.run(print_usage(settings, args.tenant, as_json=args.json))
 
 
+# --- facegate analyze: the client side, through app.client (no server code imported) -------
+
+ANALYZE_EPILOG = """\
+The key comes from --key or $FACEGATE_KEY (prefer the variable: arguments show up in `ps`);
+the URL from --url or $FACEGATE_URL (default http://127.0.0.1:8000).
+Output: a table per image on stdout; with --json one v1 JSON document per line, in the order
+given, for the images that succeeded. Failures go to stderr with facegate's problem code.
+Exit status: 0 all images analyzed, 1 at least one failed, 2 usage error (no key, bad URL)."""
+
+#: After these, the remaining images would fail the same way: stop instead of repeating it.
+_FATAL_CODES = frozenset({"unauthorized", "connect_error", "upstream_auth", "upstream_credits"})
+
+
+class _Progress:
+    """``[3/20] name`` on one stderr line, redrawn in place; cleared before anything else prints."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.shown = total, 0, enabled, False
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        if self.enabled:
+            sys.stderr.write(f"\r\x1b[K[{self.done}/{self.total}] {name[-60:]}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _attr_text(attr: object) -> str:
+    label = getattr(attr, "label", None)
+    if label is None:
+        return "-"
+    confidence = getattr(attr, "confidence", None)
+    return f"{label} {round(confidence * 100)}%" if isinstance(confidence, float) else str(label)
+
+
+def _cache_word(header: str | None, cached: bool) -> str:
+    parts = {p.strip() for p in (header or "").split(";")}
+    if "hit" in parts or (not header and cached):
+        return "hit"
+    if "collapsed" in parts:
+        return "collapsed"
+    return "forced" if "fwd=request" in parts else "miss"
+
+
+def _face_rows(analysis: AnalysisV1) -> list[list[str]]:
+    rows = [["#", "box x,y wxh", "age", "gender", "emotion", "beauty", "smile", "glasses", "mask", "hat"]]
+    for i, face in enumerate(analysis.faces, 1):
+        b = face.box
+        rows.append(
+            [
+                str(i),
+                f"{b.x},{b.y} {b.width}x{b.height}",
+                "-" if face.age is None else str(face.age),
+                _attr_text(face.gender),
+                _attr_text(face.emotion or face.expression),
+                "-" if face.beauty is None else str(face.beauty),
+                "-" if face.smile is None else str(face.smile),
+                _attr_text(face.eyes.glasses if face.eyes else None),
+                _attr_text(face.mask),
+                _attr_text(face.hat.style if face.hat else None),
+            ]
+        )
+    return rows
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _human(name: str, result: AnalyzeResult) -> str:
+    a = result.analysis
+    faces = f"{len(a.faces)} face{'s' if len(a.faces) != 1 else ''}"
+    head = [f"{name}: {faces}", f"{a.image.width}x{a.image.height} {a.image.format}"]
+    head.append(f"cache {_cache_word(result.cache_status, a.source.cached)}")
+    if a.source.provider == "simulator":
+        head.append("SIMULATED")
+    daily = result.rate_limits.get("daily")
+    if daily is not None:
+        head.append(f"daily quota {daily.remaining}" + (f"/{daily.limit}" if daily.limit else "") + " left")
+    text = " · ".join(head)
+    return text + ("\n" + _table(_face_rows(a)) if a.faces else "")
+
+
+async def _analyze_all(args: argparse.Namespace) -> int:
+    from app.client import AsyncFacegateClient, FacegateError, RetryPolicy
+
+    try:
+        client = AsyncFacegateClient(args.url, args.key, timeout=args.timeout, retry=RetryPolicy())
+    except ValueError as exc:
+        fail(str(exc).replace("pass key=...", "pass --key"))
+    progress = _Progress(len(args.images), args.progress or (len(args.images) > 1 and sys.stderr.isatty()))
+    gate = asyncio.Semaphore(args.concurrency)
+    stop = asyncio.Event()
+    failures: dict[str, int] = {}
+
+    async def one(path: str) -> AnalyzeResult | FacegateError | None:
+        async with gate:
+            if stop.is_set():
+                return None
+            try:
+                return await client.analyze_detailed(path, landmarks=args.landmarks, no_cache=args.no_cache)
+            except FacegateError as exc:
+                if exc.code in _FATAL_CODES:
+                    stop.set()
+                return exc
+            except OSError as exc:
+                return FacegateError("file_unreadable", exc.strerror or type(exc).__name__)
+            finally:
+                progress.step(path)
+
+    async with client:
+        # The first image alone: a wrong key or URL then shows once, not once per image.
+        tasks = [asyncio.ensure_future(one(args.images[0]))]
+        await asyncio.wait(tasks)
+        tasks += [asyncio.ensure_future(one(path)) for path in args.images[1:]]
+        for path, task in zip(args.images, tasks, strict=True):
+            outcome = await task
+            progress.clear()
+            if outcome is None:
+                failures["skipped"] = failures.get("skipped", 0) + 1
+                print(f"facegate: {path}: skipped after the error above", file=sys.stderr)
+            elif isinstance(outcome, FacegateError):
+                failures[outcome.code] = failures.get(outcome.code, 0) + 1
+                print(f"facegate: {path}: {outcome}", file=sys.stderr)
+            elif args.json:
+                print(outcome.analysis.model_dump_json())
+            else:
+                print(_human(path, outcome))
+            sys.stdout.flush()
+    progress.clear()
+    if failures:
+        failed = sum(failures.values())
+        summary = ", ".join(f"{code} x{n}" for code, n in sorted(failures.items()))
+        print(f"facegate: {failed} of {len(args.images)} image(s) failed: {summary}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    if args.concurrency < 1:
+        fail("--concurrency must be at least 1")
+    try:
+        code = asyncio.run(_analyze_all(args))
+    except BrokenPipeError:  # `facegate analyze ... | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    if code:
+        raise SystemExit(code)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facegate", description="A gateway in front of ailabapi's Face Analyzer Advanced.")
     p.add_argument("--version", action="version", version=f"facegate {__version__}")
@@ -191,6 +366,23 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--tenant")
     usage.add_argument("--json", action="store_true")
     usage.set_defaults(func=cmd_usage)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="analyze images through a running facegate (the client side)",
+        epilog=ANALYZE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG or BMP files")
+    analyze.add_argument("--url", help="facegate's base URL (default $FACEGATE_URL or http://127.0.0.1:8000)")
+    analyze.add_argument("--key", help="tenant key (default $FACEGATE_KEY)")
+    analyze.add_argument("--json", action="store_true", help="print the v1 JSON, one document per line")
+    analyze.add_argument("--landmarks", action="store_true", help="include landmarks and pupils (list shape)")
+    analyze.add_argument("--no-cache", action="store_true", help="skip facegate's cache (a billable call)")
+    analyze.add_argument("--concurrency", type=int, default=4, help="images in flight at once (default 4)")
+    analyze.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt (default 60)")
+    analyze.add_argument("--progress", action="store_true", help="show progress on stderr even when not a TTY")
+    analyze.set_defaults(func=cmd_analyze)
     return p
 
 

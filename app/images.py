@@ -2,7 +2,8 @@
 
 The body is consumed as a stream so that the size cap holds however the client lies
 (a missing or false Content-Length does not help; a 2 GB body is cut off at the cap).
-Large uploads spool to disk so that many concurrent uploads don't pin memory. Nothing
+Large uploads spool to disk, and so does everything once the process holds MEMORY_BUDGET_BYTES
+of uploads in memory, so that many concurrent uploads do not pin memory. Nothing
 here decodes pixels: the format is sniffed and checked by ``image_headers``.
 """
 
@@ -13,8 +14,8 @@ import contextlib
 import hashlib
 import mmap
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
 
@@ -31,8 +32,35 @@ MULTIPART_OVERHEAD: Final = 64 * 1024
 MAX_PARTS: Final = 16
 #: Bytes of non-image fields kept track of (they are ignored, but not without bound).
 MAX_OTHER_FIELDS_BYTES: Final = 16 * 1024
+#: Bytes of one part's headers (names and values together). Real parts carry two short
+#: headers; without a bound, a 20 MB "header" would be accumulated in memory.
+MAX_PART_HEADER_BYTES: Final = 8 * 1024
+#: Upload bytes one process keeps in memory, all uploads together (see BufferBudget).
+MEMORY_BUDGET_BYTES: Final = 16 * 1024 * 1024
 RAW_TYPES: Final = ("image/", "application/octet-stream")
 _MIME: Final = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
+
+
+class BufferBudget:
+    """Bytes of upload bodies this process holds in memory at once, all uploads together.
+
+    The spool threshold alone bounds one upload, not a crowd: 200 concurrent uploads
+    each just under a 1 MB threshold would pin 200 MB. Past the budget, a body goes to
+    its spool file from the next chunk on, whatever its size.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,58 +70,88 @@ class IntakeLimits:
     spool_threshold: int
     spool_dir: Path
     body_timeout_s: float
+    #: Shared by every upload received under these limits (one per app, so one per process).
+    memory: BufferBudget = field(default_factory=lambda: BufferBudget(MEMORY_BUDGET_BYTES))
 
 
 class SpooledBody:
-    """Bytes in memory up to a threshold, then in an anonymous temporary file."""
+    """Bytes in memory up to a threshold (and within the process's budget), else in an
+    anonymous temporary file (``O_TMPFILE`` on Linux: it has no name and vanishes on close)."""
 
-    def __init__(self, threshold: int, spool_dir: Path) -> None:
+    def __init__(self, threshold: int, spool_dir: Path, budget: BufferBudget | None = None) -> None:
         self._threshold = threshold
         self._dir = spool_dir
+        self._budget = budget or BufferBudget(threshold)
         self._buf = bytearray()
+        self._held = 0  # bytes of the budget this body holds
+        self._frozen: bytes | None = None
         self._file: IO[bytes] | None = None
-        self._map: mmap.mmap | None = None
         self.size = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
         self.size += len(chunk)
-        if self._file is None and self.size > self._threshold:
+        if self._file is None:
+            if self.size <= self._threshold and self._budget.take(len(chunk)):
+                self._held += len(chunk)
+                self._buf += chunk
+                return
             self._file = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115 - closed in close()
             self._file.write(self._buf)
-            self._buf = bytearray()
+            self._release_memory()
+        self._file.write(chunk)
+
+    def freeze(self) -> None:
+        """The body is complete: keep in-memory bytes as one immutable ``bytes`` (sent as is,
+        on every attempt, without a copy), or flush the spool file."""
         if self._file is not None:
-            self._file.write(chunk)
-        else:
-            self._buf += chunk
+            self._file.flush()
+        elif self._frozen is None:
+            self._frozen = bytes(self._buf)
+            self._buf = bytearray()
 
     @property
     def spooled(self) -> bool:
         return self._file is not None
 
-    def view(self) -> memoryview | mmap.mmap:
-        """The whole body, readable without a copy (an mmap when spooled)."""
+    @contextlib.contextmanager
+    def view(self) -> Iterator[memoryview | mmap.mmap]:
+        """The whole (frozen) body, readable without a copy: an mmap while spooled.
+
+        The mapping lives only as long as the ``with``: mapped pages of a spool file count
+        in the process's RSS, and an upload waits seconds for ailabapi after inspection.
+        """
+        self.freeze()
         if self._file is None:
-            return memoryview(self._buf)
-        if self._map is None:
-            self._file.flush()
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
+            assert self._frozen is not None
+            with memoryview(self._frozen) as mv:
+                yield mv
+            return
+        mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            yield mapped
+        finally:
+            mapped.close()
 
     def content(self) -> bytes | IO[bytes]:
         """What the upstream client sends: bytes, or the rewound spool file (streamed by httpx)."""
+        self.freeze()
         if self._file is None:
-            return bytes(self._buf)
+            assert self._frozen is not None
+            return self._frozen
         self._file.seek(0)
         return self._file
 
+    def _release_memory(self) -> None:
+        self._budget.give(self._held)
+        self._held = 0
+        self._buf = bytearray()
+
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._buf = bytearray()
+        self._release_memory()
+        self._frozen = None
 
 
 @dataclass(slots=True)
@@ -128,7 +186,7 @@ class _ImageSink:
 
     def __init__(self, limits: IntakeLimits) -> None:
         self.limits = limits
-        self.body = SpooledBody(limits.spool_threshold, limits.spool_dir)
+        self.body = SpooledBody(limits.spool_threshold, limits.spool_dir, limits.memory)
         self.digest = hashlib.sha256()
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -137,20 +195,19 @@ class _ImageSink:
         self.body.write(chunk)
         self.digest.update(chunk)
 
+    def _inspect(self) -> ImageFacts:
+        with self.body.view() as view:
+            return inspect(view, max_pixels=self.limits.max_pixels)
+
     async def finish(self) -> Upload:
         if self.body.size == 0:
             raise Problem("image_missing", "the image is empty (0 bytes)")
-        view = self.body.view()
         try:
-            if self.body.spooled:
-                facts = await asyncio.to_thread(inspect, view, max_pixels=self.limits.max_pixels)
-            else:
-                facts = inspect(view, max_pixels=self.limits.max_pixels)
+            # A spooled body is mapped, read and unmapped within the worker thread: a mapping
+            # held while waiting for the event loop would count its pages in RSS meanwhile.
+            facts = await asyncio.to_thread(self._inspect) if self.body.spooled else self._inspect()
         except ImageError as exc:
             raise Problem(exc.code, exc.detail) from None
-        finally:
-            if isinstance(view, memoryview):
-                view.release()
         return Upload(self.body, self.digest.hexdigest(), facts)
 
 
@@ -166,6 +223,7 @@ class _MultipartImage:
         self._in_image = False
         self._header_name = b""
         self._header_value = b""
+        self._header_bytes = 0
         self._disposition = b""
         callbacks: dict[str, Callable[..., None]] = {
             "on_part_begin": self._part_begin,
@@ -184,11 +242,19 @@ class _MultipartImage:
             raise Problem("invalid_request", f"too many multipart parts (at most {MAX_PARTS})")
         self._in_image = False
         self._disposition = b""
+        self._header_bytes = 0
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise Problem("invalid_request", f"a multipart part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_name += data[start:end]
 
     def _header_val(self, data: bytes, start: int, end: int) -> None:
+        self._count_header_bytes(end - start)
         self._header_value += data[start:end]
 
     def _header_end(self) -> None:

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, redisconn
@@ -106,13 +107,20 @@ async def _backends(
         log.warning("FACEGATE_REDIS_URL is not set: in-memory cache and quotas (exact for ONE process only)")
         return None, memory, MemoryLimiter(), LocalCoordinator(), local_guard
     client = redisconn.connect(settings)
-    health = redisconn.RedisHealth(lambda component: metrics.redis_errors.labels(component).inc())
+    if not await redisconn.warm(client, min(settings.max_uploads_in_flight, 64)):
+        log.warning("redis at start: not answering; continuing without it until it does (fail open)")
+
+    def health() -> redisconn.RedisHealth:
+        # One cool-down per component: a cache lookup that timed out under load must not switch
+        # off the quotas (which fail closed) or the collapsing (which then pays for duplicates).
+        return redisconn.RedisHealth(lambda component: metrics.redis_errors.labels(component).inc())
+
     prefix = settings.redis_prefix
-    coordinator = RedisCoordinator(client, health, prefix, settings.singleflight_lock_ttl_s)
+    coordinator = RedisCoordinator(client, health(), prefix, settings.singleflight_lock_ttl_s)
     coordinator.start()
     guard = RedisGuard(
         client,
-        health,
+        health(),
         prefix,
         qps=settings.upstream_qps,
         max_concurrency=settings.upstream_max_concurrency,
@@ -120,8 +128,8 @@ async def _backends(
     )
     # The local tier is small: it spares Redis round trips on hot images, Redis holds the rest.
     local = MemoryCache(min(settings.cache_memory_max_bytes, 16 * 1024 * 1024))
-    cache = TieredCache(local, RedisCache(client, health, prefix, on_error=metrics.cache_errors.inc))
-    return client, cache, RedisLimiter(client, health, prefix), coordinator, guard
+    cache = TieredCache(local, RedisCache(client, health(), prefix, on_error=metrics.cache_errors.inc))
+    return client, cache, RedisLimiter(client, health(), prefix), coordinator, guard
 
 
 @contextlib.asynccontextmanager
@@ -147,8 +155,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_keepalive_connections=settings.upstream_max_concurrency,
         ),
         follow_redirects=False,
+        # Proxy (and CA) variables only for an https upstream: through a CONNECT tunnel the key
+        # stays end-to-end encrypted to the configured origin; a plain-http upstream (the
+        # simulator, a loopback sidecar) must never route the key through a proxy in clear.
+        trust_env=upstream_url.startswith("https://"),
     )
-    breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s, on_change=metrics.breaker_changed)
+    breaker = CircuitBreaker(
+        settings.breaker_failures,
+        settings.breaker_reset_s,
+        on_change=metrics.breaker_changed,
+        probe_timeout_s=settings.upstream_timeout_s + settings.upstream_queue_timeout_s,
+        rate_threshold=settings.breaker_failure_rate,
+        rate_window_calls=settings.breaker_window,
+    )
 
     def on_attempt(outcome: str, seconds: float) -> None:
         metrics.upstream_calls.labels(outcome).inc()
@@ -215,7 +234,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await service.flights.drain(settings.shutdown_grace_s)
+        await service.drain(settings.shutdown_grace_s)
         await http.aclose()
         for close in (coordinator.close, limiter.close, cache.close, guard.close, *reversed(closers)):
             with contextlib.suppress(Exception):
@@ -289,6 +308,17 @@ class EdgeMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            # The client hung up mid-upload: nobody to answer and nothing broke here (nginx's 499).
+            status = 499
+            ctx.outcome = "client_disconnected"
+        except asyncio.CancelledError:
+            # uvicorn cancels requests still running when the shutdown grace period ends: tell the
+            # client to retry (another replica will answer) instead of dropping the connection.
+            if response_started:
+                raise
+            problem = Problem("overloaded", "facegate is shutting down; try again", retry_after=1)
+            await _send_problem(send_wrapper, problem, ctx, compat=_is_compat(scope))
         except Exception as exc:
             log.error(
                 "unhandled error: %s", type(exc).__name__, extra={"request_id": ctx.request_id, "where": _where(exc)}

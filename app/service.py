@@ -8,6 +8,7 @@ upstream call). No HTTP types here; routes render what this returns, and read th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -119,6 +120,8 @@ class _FlightResult:
 
 
 class AnalyzeService:
+    _fail_open_logged_at = float("-inf")
+
     def __init__(
         self,
         *,
@@ -137,6 +140,8 @@ class AnalyzeService:
         self.upstream = upstream
         self.coordinator = coordinator
         self.flights: Flights[_FlightResult] = Flights()
+        #: Every flight this process leads, for ``drain`` (which must be able to cancel them).
+        self._leading: set[asyncio.Task[_FlightResult]] = set()
 
     # --- public use cases -------------------------------------------------------------
 
@@ -157,7 +162,14 @@ class AnalyzeService:
                 await self._admit(ctx, tenant, reserve=False, record="misses")
                 return await self._follow(ctx, running)
         fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
-        admission = await self._admit(ctx, tenant, reserve=True, record="misses")
+        try:
+            admission = await self._admit(ctx, tenant, reserve=True, record="misses")
+        except Problem as refused:
+            # Over quota, but someone else may be paying for this very image (another replica).
+            free = None if opts.no_cache or refused.code != "quota_exceeded" else await self._paid_by_others(ctx, key)
+            if free is None:
+                raise
+            return free
         # From here on the request is forwarded: a failure of the call still reports the miss.
         ctx.cache = CacheStatus(hit=False, fwd=fwd)
         running = None if opts.no_cache else self.flights.get(key)
@@ -167,6 +179,8 @@ class AnalyzeService:
         upload.handed_off = True
         work = lambda: self._lead(key, tenant, upload, admission.reservation, opts)  # noqa: E731
         task = self.flights.start(key, work) if not opts.no_cache else self.flights.start_anonymous(work)
+        self._leading.add(task)
+        task.add_done_callback(self._leading.discard)
         try:
             result = await join(task, self.config.follow_timeout_s)
         except TimeoutError:  # the flight waited for another replica, then called: it goes on detached
@@ -179,11 +193,33 @@ class AnalyzeService:
             ctx.cache = CacheStatus(hit=False, fwd=fwd, collapsed=True)
         return result.entry
 
+    async def drain(self, grace_s: float, settle_s: float = 5.0) -> None:
+        """Graceful shutdown: let the flights finish within ``grace_s``, then cancel the rest.
+
+        A cancelled flight refunds its reservation (``_lead``), which needs the backends:
+        the lifespan calls this before it closes them. Left to die with the event loop,
+        the flights would keep the quota they reserved.
+        """
+        await self.flights.drain(grace_s)
+        leftovers = [task for task in self._leading if not task.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            log.warning("shutdown: %d upstream call(s) outlived the grace period; cancelled", len(leftovers))
+            await asyncio.wait(leftovers, timeout=settle_s)
+
     async def lookup(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> tuple[Entry, float] | None:
         """A cached analysis by image hash, without an upload. Never billable."""
         ctx.tenant = tenant.name
         await self._admit(ctx, tenant, reserve=False)
         return await self._cache_get(self.key_for(tenant, sha256))
+
+    async def count_request(self, ctx: RequestContext, tenant: Tenant) -> None:
+        """Rate-limit a request that ended before the use case (e.g. a refused upload): every
+        authenticated request counts, and over the limit the 429 wins. Costs a Redis round
+        trip only on that path, never on the way to an answer."""
+        ctx.tenant = tenant.name
+        await self._admit(ctx, tenant, reserve=False)
 
     async def usage(self, ctx: RequestContext, tenant: Tenant) -> Usage:
         ctx.tenant = tenant.name
@@ -209,9 +245,15 @@ class AnalyzeService:
                     "quota accounting is unavailable, so no billable call is made (QUOTA_FAIL_MODE=closed)",
                     retry_after=5,
                 ) from None
-            log.warning(
-                "quota backend unavailable: %s request for %s allowed", "billable" if reserve else "free", tenant.name
-            )
+            now = time.monotonic()
+            if now - self._fail_open_logged_at >= 10.0:  # not once per request while Redis is down
+                self._fail_open_logged_at = now
+                log.warning(
+                    "quota backend unavailable: %s request for %s allowed (FACEGATE_QUOTA_FAIL_MODE=open; "
+                    "logged at most every 10 s, each request's access log says quota_fail_open)",
+                    "billable" if reserve else "free",
+                    tenant.name,
+                )
             ctx.outcome = "quota_fail_open"
             return Admission(allowed=True, rate=None)
         ctx.admission = admission
@@ -252,6 +294,26 @@ class AnalyzeService:
         except CacheError:
             return False
         return True
+
+    async def _paid_by_others(self, ctx: RequestContext, key: str) -> Entry | None:
+        """An answer that costs this tenant nothing: stored since the lookup, or in flight on
+        another replica (whose leader holds the reservation that made this one fail). Only
+        on the quota-refused path, so the admitted path keeps its single round trip."""
+        found = await self._cache_get(key)
+        if found is not None:
+            ctx.cache = CacheStatus(hit=True, ttl=found[1])
+            return found[0]
+        running = self.flights.get(key)
+        if running is not None:
+            return await self._follow(ctx, running)
+        try:
+            outcome = await self.coordinator.wait(key, self.config.follow_timeout_s)
+        except CacheError:
+            return None
+        entry = Entry.decode(outcome.payload) if outcome.kind == "done" else None
+        if entry is not None:
+            ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
+        return entry
 
     async def _follow(self, ctx: RequestContext, task: Any) -> Entry:
         ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
@@ -374,7 +436,7 @@ class AnalyzeService:
                 raise UpstreamFailure(
                     Problem("upstream_error", "ailabapi answered in a shape facegate does not know"),
                     retryable=False,
-                    billed=False,
+                    billed=answer.billed,  # it answered: the credit is gone even if the shape is new
                     reason="bad_shape",
                 ) from None
         return Entry(

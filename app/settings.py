@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     )
     breaker_failures: int = Field(5, ge=1, description="Consecutive upstream failures that open the circuit breaker.")
     breaker_reset_s: float = Field(15.0, gt=0, description="How long the breaker stays open before one probe.")
+    breaker_failure_rate: float = Field(
+        0.5, ge=0, le=1, description="Also open at this share of failures among the last BREAKER_WINDOW calls; 0 = off."
+    )
+    breaker_window: int = Field(20, ge=2, description="Calls (within 60 s) the failure rate is measured over.")
 
     # --- storage ---
     redis_url: str = Field("", description="Empty = in-memory cache and quotas (one process only).")

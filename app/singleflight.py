@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 import redis.asyncio as aioredis
 
 from app.cache import CacheError
-from app.redisconn import RedisDown, RedisHealth
+from app.redisconn import LOG_EVERY_S, RedisDown, RedisHealth
 
 log = logging.getLogger("facegate.singleflight")
 
@@ -67,8 +68,8 @@ class LocalCoordinator:
     async def acquire(self, key: str) -> Lease | None:
         return _LocalLease(key)
 
-    async def wait(self, key: str, timeout_s: float) -> Outcome:  # pragma: no cover - never called
-        return Outcome("abandoned")
+    async def wait(self, key: str, timeout_s: float) -> Outcome:
+        return Outcome("abandoned")  # no other replica exists that could be leading it
 
     async def release(self, lease: Lease, outcome: Outcome) -> None:
         return None
@@ -142,16 +143,25 @@ async def join(task: asyncio.Task[T], timeout_s: float) -> T:
 async def renewing(renew: Callable[[], Awaitable[bool]], every_s: float):  # type: ignore[no-untyped-def]
     """Keep a lease alive while the body runs (a dead leader's lease then expires quickly)."""
 
+    # The stop flag, not only cancel(): on Python 3.11 redis-py's writes go through
+    # asyncio.wait_for, which loses a cancellation that lands as the write completes
+    # (CPython gh-86296). A lost cancel used to leave this loop renewing forever, and the
+    # flight (its reservation unsettled, its lease held) hanging with it.
+    stop = asyncio.Event()
+
     async def loop() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            if not await renew():
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every_s):
+                    await stop.wait()
+            if stop.is_set() or not await renew():
                 return
 
     task = asyncio.get_running_loop().create_task(loop())
     try:
         yield
     finally:
+        stop.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -204,11 +214,16 @@ class RedisCoordinator:
     async def _listen(self) -> None:
         """Keep one pattern subscription alive for the life of the process."""
         backoff = 0.1
+        lost = False
+        last_log = -LOG_EVERY_S
         while True:
             pubsub = self._r.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(self._channel_prefix + "*")
                 self._subscribed.set()
+                if lost:
+                    log.info("single-flight subscription restored")
+                    lost = False
                 backoff = 0.1
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
@@ -218,7 +233,11 @@ class RedisCoordinator:
                 raise
             except Exception as exc:  # any Redis/network failure: resubscribe after a pause
                 self._subscribed.clear()
-                log.warning("single-flight subscription lost (%s); retrying", type(exc).__name__)
+                lost = True
+                now = time.monotonic()
+                if now - last_log >= LOG_EVERY_S:  # retried every <= 2 s: log like RedisHealth, not per retry
+                    last_log = now
+                    log.warning("single-flight subscription lost (%s); retrying", type(exc).__name__)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -28,6 +29,11 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_KEY_LENGTH: Final = 256
 
 DEFAULT_LIMITS: Final = {"rate_per_s": 10.0, "burst": 20, "daily_quota": 1000, "monthly_quota": 20000}
+#: Bounds that keep the GCRA arithmetic (microseconds in doubles, in Lua and Python) exact enough.
+MIN_RATE: Final = 0.001
+MAX_RATE: Final = 1_000_000.0
+MAX_BURST: Final = 1_000_000
+UNLIMITED: Final = "unlimited"
 
 
 class TenantsFileError(ValueError):
@@ -85,7 +91,15 @@ class TenantRegistry:
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> TenantRegistry:
-        defaults = _limits(dict(DEFAULT_LIMITS), data.get("defaults", {}), "defaults")
+        unknown_tables = set(data) - {"defaults", "tenants"}
+        if unknown_tables:
+            # A typo like [tenant.x] would otherwise silently leave every tenant out.
+            raise TenantsFileError(f"unknown top-level setting(s) {', '.join(sorted(unknown_tables))}")
+        raw_defaults = data.get("defaults", {})
+        if isinstance(raw_defaults, dict) and set(raw_defaults) - set(DEFAULT_LIMITS):
+            extra = sorted(set(raw_defaults) - set(DEFAULT_LIMITS))
+            raise TenantsFileError(f"[defaults]: unknown setting(s) {', '.join(extra)}")
+        defaults = _limits(dict(DEFAULT_LIMITS), raw_defaults, "defaults")
         tenants_table = data.get("tenants", {})
         if not isinstance(tenants_table, dict):
             raise TenantsFileError("[tenants] must be a table of tenants")
@@ -128,6 +142,8 @@ class TenantRegistry:
             raise TenantsFileError(f"tenants file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise TenantsFileError(f"tenants file {path}: invalid TOML ({exc})") from None
+        except UnicodeDecodeError:
+            raise TenantsFileError(f"tenants file {path}: not UTF-8 text") from None
         return cls.parse(data)
 
 
@@ -145,18 +161,23 @@ def _limits(base: dict[str, Any], table: Any, where: str) -> Limits:
         raise TenantsFileError(f"[{where}] must be a table")
     merged = {**base, **{k: v for k, v in table.items() if k in DEFAULT_LIMITS}}
     rate, burst = merged["rate_per_s"], merged["burst"]
-    if isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0:
-        raise TenantsFileError(f"[{where}] rate_per_s must be a number > 0")
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise TenantsFileError(f"[{where}] burst must be an integer >= 1")
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not math.isfinite(rate)
+        or not MIN_RATE <= rate <= MAX_RATE
+    ):
+        raise TenantsFileError(f"[{where}] rate_per_s must be a number from {MIN_RATE:g} to {MAX_RATE:g}")
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
+        raise TenantsFileError(f"[{where}] burst must be an integer from 1 to {MAX_BURST}")
     return Limits(float(rate), burst, _quota(merged["daily_quota"], where), _quota(merged["monthly_quota"], where))
 
 
 def _quota(value: Any, where: str) -> int | None:
-    if value is None or value == "unlimited":
+    if value is None or value == UNLIMITED:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TenantsFileError(f'[{where}] quotas must be integers >= 0 or "unlimited"')
+        raise TenantsFileError(f'[{where}] quotas must be integers >= 0 or "{UNLIMITED}"')
     return value
 
 
@@ -194,6 +215,9 @@ class TenantStore:
             registry = TenantRegistry.load(self.path)
         except TenantsFileError as exc:
             log.error("tenants file reload failed, keeping the previous registry: %s", exc)
+            return False
+        except Exception as exc:  # the watcher must survive anything a file can do to the parser
+            log.error("tenants file reload failed (%s), keeping the previous registry", type(exc).__name__)
             return False
         self.registry = registry
         log.info("tenants file reloaded: %d tenant(s)", len(registry))

@@ -1,23 +1,46 @@
-"""``facegate usage``: the operator's view of every tenant's limits and usage, read from Redis."""
+"""A tenant's usage as JSON (``GET /v1/usage``) and ``facegate usage``, the operator's view, read from Redis.
+
+Both print :func:`usage_dict`, so what an operator sees is what the tenant sees.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 from app import redisconn
-from app.quota import QuotaUnavailable, RedisLimiter, Usage
+from app.quota import Admission, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
 from app.settings import Settings
 from app.tenants import TenantRegistry, TenantsFileError
 
 
-def usage_dict(u: Usage) -> dict[str, object]:
-    """The same fields as ``GET /v1/usage``."""
+def usage_dict(u: Usage) -> dict[str, Any]:
+    """Policies (as in ``RateLimit-Policy``), used/remaining per window, resets, credits, hits/misses.
+
+    ``used`` counts billable calls reserved or committed in the window (a refunded call is
+    not counted); ``credits_spent`` only the committed ones, i.e. what ailabapi billed.
+    ``cache.misses`` counts admitted requests that were not answered from the cache (they
+    made or joined an upstream call); refused requests are neither hits nor misses.
+    """
+    admission = Admission(True, u.rate, u.quotas)
     return {
         "tenant": u.tenant,
-        "rate_limit": {"rate_per_s": u.limits.rate_per_s, "burst": u.limits.burst, "remaining": u.rate.remaining},
+        "policies": _policies(admission),
+        "rate_limit": {
+            "rate_per_s": u.limits.rate_per_s,
+            "burst": u.limits.burst,
+            "remaining": u.rate.remaining,
+            "reset_s": round(u.rate.reset_s, 3),
+        },
         "quotas": {
-            q.name: {"limit": q.limit, "used": q.used, "remaining": q.remaining, "reset_s": round(q.reset_s)}
+            q.name: {
+                "limit": q.limit,
+                "used": q.used,
+                "remaining": q.remaining,
+                "reset_s": ceil_s(q.reset_s),
+                "reset_at": utc_iso(u.now_s + q.reset_s),
+            }
             for q in u.quotas
         },
         "credits_spent": {"day": u.credits_day, "month": u.credits_month},
@@ -26,6 +49,17 @@ def usage_dict(u: Usage) -> dict[str, object]:
             "month": {"hits": u.hits_month, "misses": u.misses_month},
         },
     }
+
+
+def _policies(admission: Admission) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if admission.rate is not None:
+        rate = admission.rate
+        out.append({"name": "burst", "quota": rate.limit, "window_s": rate.policy_w})
+    out.extend(
+        {"name": q.name, "quota": q.limit, "window_s": q.window_s} for q in admission.quotas if q.limit is not None
+    )
+    return out
 
 
 def _fmt(limit: int | None, used: int) -> str:

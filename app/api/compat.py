@@ -7,7 +7,7 @@ refusals are rendered in ailabapi's envelope by the app's problem handler.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -19,11 +19,32 @@ from app.upstream import contract
 
 router = APIRouter(tags=["ailabapi-compatible"])
 
+#: ailabapi's error envelope (``contract.envelope``), as documented in the fuzzed OpenAPI.
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["request_id", "error_code", "error_code_str", "error_msg", "error_detail"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "log_id": {"type": "string"},
+        "error_code": {"type": "integer"},
+        "error_code_str": {"type": "string"},
+        "error_msg": {"type": "string"},
+        "error_detail": {"type": "object"},
+    },
+}
+
 
 @router.post(
     contract.ANALYZE_PATH,
     summary="ailabapi-compatible Face Analyzer Advanced",
-    responses={200: {"description": "ailabapi's JSON envelope, exactly as ailabapi answered it."}},
+    responses={
+        200: {"description": "ailabapi's JSON envelope, exactly as ailabapi answered it."},
+        "default": {
+            "description": "An error in ailabapi's envelope: ailabapi's own (replayed), or facegate's refusal "
+            "(then the X-Facegate-Error header carries facegate's problem code).",
+            "content": {"application/json": {"schema": ENVELOPE_SCHEMA}},
+        },
+    },
     openapi_extra=UPLOAD_BODY,
 )
 async def face_analyzer_advanced(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> Response:

@@ -18,6 +18,7 @@ from app.schema.v1 import AnalysisV1
 from app.service import Entry
 from app.tenants import Tenant
 from app.upstream.contract import Kind
+from app.usage_report import usage_dict
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 TenantDep = Annotated[Tenant, Depends(authenticate)]
@@ -103,7 +104,11 @@ async def analyze(
     """Answers from the cache when this image was analyzed before (free), otherwise calls ailabapi
     (one billable call counted against the tenant's quota). Identical concurrent uploads share one call."""
     ctx = context(request)
-    upload = await receive_upload(request)
+    try:
+        upload = await receive_upload(request)
+    except Problem:
+        await runtime(request).service.count_request(ctx, tenant)
+        raise
     try:
         entry = await runtime(request).service.analyze(ctx, tenant, upload, cache_options(request))
     finally:
@@ -144,27 +149,17 @@ async def usage(request: Request, tenant: TenantDep) -> Response:
 
 
 def usage_body(u: Usage) -> dict[str, Any]:
-    return {
-        "tenant": u.tenant,
-        "rate_limit": {
-            "rate_per_s": u.limits.rate_per_s,
-            "burst": u.limits.burst,
-            "remaining": u.rate.remaining,
-            "reset_s": round(u.rate.reset_s, 3),
-        },
-        "quotas": {
-            q.name: {"limit": q.limit, "used": q.used, "remaining": q.remaining, "reset_s": round(q.reset_s)}
-            for q in u.quotas
-        },
-        "credits_spent": {"day": u.credits_day, "month": u.credits_month},
-        "cache": {
-            "day": {"hits": u.hits_day, "misses": u.misses_day},
-            "month": {"hits": u.hits_month, "misses": u.misses_month},
-        },
-    }
+    return usage_dict(u)
 
 
-@router.get("/schema", summary="JSON Schema of the v1 analysis")
+@router.get(
+    "/schema",
+    summary="JSON Schema of the v1 analysis",
+    response_class=Response,
+    responses={
+        200: {"description": "A JSON Schema.", "content": {"application/schema+json": {"schema": {"type": "object"}}}}
+    },
+)
 async def schema() -> Response:
     """The committed schema file, byte for byte (the same as ``app/schema/v1.schema.json``)."""
     data = resources.files("app.schema").joinpath("v1.schema.json").read_bytes()

@@ -9,10 +9,11 @@ here keeps each concern testable on its own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import IO, Any, Protocol
+from typing import IO, Any, Final, Protocol
 
 import httpx
 import orjson
@@ -22,6 +23,11 @@ from app.upstream import contract
 from app.upstream.contract import Kind, UpstreamCode
 
 SIMULATOR_HEADER = "x-facegate-simulator"
+#: ailabapi's largest plausible answer is a list-style one with landmarks and dense
+#: features for many faces (~2 MB); anything far beyond that is refused, not buffered.
+MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+#: HTTP statuses worth a second try (with the envelope's code permitting, see ``_failure``).
+_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 
 #: Which problem each kind of upstream error becomes (verdicts are answers, not failures).
 _PROBLEM_OF_KIND: dict[Kind, str] = {
@@ -123,21 +129,42 @@ class AilabapiClient:
         self._billed = billed_error_codes
 
     async def analyze(self, image: ImagePayload, *, timeout_s: float) -> UpstreamAnswer:
+        """One POST, bounded by ``timeout_s`` in total (httpx's own timeouts are per operation).
+
+        Whether a broken connection may be retried depends on how far the exchange got:
+        before any answer (refused, reset, a pooled keep-alive connection the upstream had
+        closed) ailabapi has not answered, so trying again is safe; once its answer has
+        started, the call was made and may be billed, so it is not repeated.
+        """
         if hasattr(image.content, "seek"):
             image.content.seek(0)
         timeout = httpx.Timeout(timeout_s, connect=min(self._connect_timeout_s, timeout_s))
+        answered = False
         try:
-            response = await self._http.post(
-                self._url,
-                headers={contract.KEY_HEADER: self._key},
-                files={contract.IMAGE_FIELD: (image.filename, image.content, image.mime)},
-                timeout=timeout,
-                follow_redirects=False,
-            )
-        except httpx.TimeoutException:
+            async with (
+                asyncio.timeout(timeout_s),
+                self._http.stream(
+                    "POST",
+                    self._url,
+                    headers={contract.KEY_HEADER: self._key},
+                    files={contract.IMAGE_FIELD: (image.filename, image.content, image.mime)},
+                    timeout=timeout,
+                    follow_redirects=False,
+                ) as response,
+            ):
+                answered = True
+                content = await _read_capped(response, MAX_RESPONSE_BYTES)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout):
+            raise UpstreamFailure(
+                Problem("upstream_unavailable", "could not connect to ailabapi in time"),
+                retryable=True,
+                reason="connect_timeout",
+            ) from None
+        except (TimeoutError, httpx.TimeoutException):
+            # The whole budget is spent, and ailabapi may be working on (and billing) the call.
             raise UpstreamFailure(
                 Problem("upstream_timeout", f"ailabapi did not answer within {timeout_s:.3g} s"),
-                retryable=True,
+                retryable=False,
                 reason="timeout",
             ) from None
         except httpx.ConnectError:
@@ -145,14 +172,28 @@ class AilabapiClient:
                 Problem("upstream_unavailable", "could not connect to ailabapi"), retryable=True, reason="connect"
             ) from None
         except httpx.TransportError:
+            if answered:
+                raise UpstreamFailure(
+                    Problem("upstream_error", "the connection to ailabapi broke off in the middle of its answer"),
+                    retryable=False,
+                    reason="broken_answer",
+                ) from None
             raise UpstreamFailure(
-                Problem("upstream_error", "the connection to ailabapi broke off"), retryable=True, reason="transport"
+                Problem("upstream_error", "the connection to ailabapi broke off before it answered"),
+                retryable=True,
+                reason="transport",
             ) from None
-        return self._classify(response)
+        except _TooLarge:
+            raise UpstreamFailure(
+                Problem("upstream_error", "ailabapi answered more than facegate accepts"),
+                retryable=False,
+                reason="oversized",
+            ) from None
+        return self._classify(response.status_code, response.headers, content)
 
-    def _classify(self, response: httpx.Response) -> UpstreamAnswer:
-        simulated = response.headers.get(SIMULATOR_HEADER) == "1"
-        if 300 <= response.status_code < 400:
+    def _classify(self, status: int, headers: httpx.Headers, content: bytes) -> UpstreamAnswer:
+        simulated = headers.get(SIMULATOR_HEADER) == "1"
+        if 300 <= status < 400:
             # Never follow: the key must not travel to another origin.
             raise UpstreamFailure(
                 Problem("upstream_error", "ailabapi answered with a redirect, which facegate does not follow"),
@@ -160,38 +201,58 @@ class AilabapiClient:
                 reason="redirect",
             )
         try:
-            body = orjson.loads(response.content)
+            body = orjson.loads(content)
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
-            row = contract.lookup(None, response.status_code) if response.status_code != 200 else None
+            row = contract.lookup(None, status) if status != 200 else None
             if row is not None and row.kind is not Kind.FAULT:
-                raise self._failure(row, response)
+                raise self._failure(row, status, headers)
             raise UpstreamFailure(
                 Problem("upstream_error", "ailabapi answered something that is not its JSON envelope"),
-                retryable=response.status_code in (502, 503, 504),
+                retryable=status in _RETRY_STATUSES,
                 reason="malformed",
             )
         code = contract.error_code_of(body)
-        if response.status_code == 200 and not code:
-            return UpstreamAnswer(200, body, response.content, None, simulated, billed=True)
-        row = contract.lookup(code, response.status_code if response.status_code != 200 else _declared(body))
+        if status == 200 and not code:
+            return UpstreamAnswer(200, body, content, None, simulated, billed=True)
+        row = contract.lookup(code, status if status != 200 else _declared(body))
         if row.kind in (Kind.IMAGE, Kind.NO_FACE):
-            status = response.status_code if response.status_code != 200 else row.status
-            return UpstreamAnswer(status, body, response.content, row, simulated, billed=row.code in self._billed)
-        raise self._failure(row, response)
+            verdict_status = status if status != 200 else row.status
+            return UpstreamAnswer(verdict_status, body, content, row, simulated, billed=row.code in self._billed)
+        raise self._failure(row, status, headers)
 
-    def _failure(self, row: UpstreamCode, response: httpx.Response) -> UpstreamFailure:
+    def _failure(self, row: UpstreamCode, status: int, headers: httpx.Headers) -> UpstreamFailure:
         problem_code = _PROBLEM_OF_KIND.get(row.kind, "upstream_error")
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
-        detail = f"ailabapi answered {row.code} (HTTP {response.status_code})"
+        retry_after = parse_retry_after(headers.get("retry-after"))
+        detail = f"ailabapi answered {row.code} (HTTP {status})"
         return UpstreamFailure(
             Problem(problem_code, detail, retry_after=retry_after if problem_code != "upstream_error" else None),
-            retryable=row.retryable,
+            # The code's kind decides; an unlisted fault code still retries on a gateway-class status.
+            retryable=row.retryable or (row.kind is Kind.FAULT and status in _RETRY_STATUSES),
             billed=row.code in self._billed,
             retry_after=retry_after,
             reason=row.code,
         )
+
+
+class _TooLarge(Exception):
+    """The upstream's answer is larger than MAX_RESPONSE_BYTES."""
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """The (decoded) body, refusing to buffer more than ``limit`` bytes of it."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _declared(body: dict[str, Any]) -> int:

@@ -4,8 +4,13 @@ The order matters. The breaker is asked first, so that while ailabapi is down ca
 get a 503 in microseconds instead of queueing. Each attempt then takes a slot from the
 global guard, which keeps the one shared key under its QPS and concurrency limits
 across all replicas (an upstream 429 storm would hurt every tenant). Retries happen
-only for what can succeed on a second try, with jittered exponential backoff, and never
-past the request's overall deadline.
+only for what can succeed on a second try (connection errors, 429, 502/503/504; the
+attempt decides, see ``ailabapi.py``), with jittered exponential backoff that never
+undercuts the upstream's ``Retry-After``, and never past the request's one overall
+deadline (``FACEGATE_UPSTREAM_TIMEOUT_S`` is the total for all attempts and the waits
+between them). An answer about the image (a verdict) is an answer, never retried.
+Retries happen inside one reserved quota unit: the caller is charged once however
+many attempts it took.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from app.errors import Problem
 from app.upstream.ailabapi import ImagePayload, Upstream, UpstreamAnswer, UpstreamFailure
@@ -27,9 +33,44 @@ log = logging.getLogger("facegate.upstream")
 
 BreakerState = Literal["closed", "open", "half_open"]
 
+#: Failure-rate rule: at least this share of failures ...
+RATE_THRESHOLD: Final = 0.5
+#: ... among the last this many attempts ...
+RATE_WINDOW_CALLS: Final = 20
+#: ... all of which ended within this many seconds (older outcomes say little about now).
+RATE_WINDOW_S: Final = 60.0
+#: Seconds a caller is told to wait while the one half-open probe is out.
+PROBE_BUSY_RETRY_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    """Leave to make one attempt; ``probe`` marks the half-open breaker's single trial call."""
+
+    probe: bool
+    issued_at: float
+
 
 class CircuitBreaker:
-    """Opens after ``failures`` consecutive failures; one probe at a time once ``reset_s`` passed."""
+    """Fails fast while ailabapi is failing; lets one probe through to find out when it is back.
+
+    It opens on either of two rules, whichever trips first:
+
+    * ``failures`` consecutive failed attempts (a dead upstream trips it within a few calls);
+    * a failure rate of at least ``rate_threshold`` (default 50 %,
+      ``FACEGATE_BREAKER_FAILURE_RATE``; 0 turns the rule off) over the last
+      ``rate_window_calls`` (default 20, ``FACEGATE_BREAKER_WINDOW``) attempts, all within
+      ``RATE_WINDOW_S`` (60 s) — a flaky upstream that fails every other call never
+      builds a streak, but should still be given a rest.
+
+    While open it answers "not now" for ``reset_s``; then it goes half-open and lets
+    exactly one probe through. The probe's success closes it (and forgets the past),
+    its failure re-opens it for another ``reset_s``. A probe that ends without an
+    upstream outcome (our own queue was full, the request was cancelled) gives its turn
+    back at once, and a probe permit older than ``probe_timeout_s`` is presumed lost, so
+    the breaker can never wedge half-open. Outcomes of attempts that started before the
+    breaker opened are ignored: they describe the past.
+    """
 
     def __init__(
         self,
@@ -37,48 +78,99 @@ class CircuitBreaker:
         reset_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[BreakerState], None] | None = None,
+        *,
+        probe_timeout_s: float = 60.0,
+        rate_threshold: float = RATE_THRESHOLD,
+        rate_window_calls: int = RATE_WINDOW_CALLS,
+        rate_window_s: float = RATE_WINDOW_S,
     ) -> None:
         self._threshold = failures
         self._reset_s = reset_s
         self._clock = clock
-        self._failures = 0
+        self._probe_timeout_s = probe_timeout_s
+        self._rate_threshold = rate_threshold
+        self._rate_window_s = rate_window_s
+        self._streak = 0
+        self._recent: deque[tuple[float, bool]] = deque(maxlen=rate_window_calls)
         self._opened_at = 0.0
-        self._probing = False
+        self._probe: Permit | None = None
         self.state: BreakerState = "closed"
         self._on_change = on_change
 
-    def _set(self, state: BreakerState) -> None:
+    def _set(self, state: BreakerState, why: str) -> None:
         if state != self.state:
-            log.warning("upstream circuit breaker %s -> %s", self.state, state)
+            log.warning(
+                "upstream circuit breaker %s -> %s (%s)",
+                self.state,
+                state,
+                why,
+                extra={"breaker_from": self.state, "breaker_to": state},
+            )
             self.state = state
             if self._on_change:
                 self._on_change(state)
 
-    def allow(self) -> float | None:
-        """None if a call may go ahead, else the seconds until the breaker will try again."""
+    def allow(self) -> Permit | float:
+        """A permit to attempt a call, or the seconds until the breaker will try again."""
+        now = self._clock()
         if self.state == "closed":
-            return None
-        wait = self._opened_at + self._reset_s - self._clock()
-        if wait > 0:
-            return wait
-        if self._probing:
-            return 1.0
-        self._set("half_open")
-        self._probing = True
-        return None
+            return Permit(probe=False, issued_at=now)
+        if self.state == "open":
+            wait = self._opened_at + self._reset_s - now
+            if wait > 0:
+                return wait
+            self._set("half_open", f"{self._reset_s:g} s passed, probing")
+        if self._probe is not None and now - self._probe.issued_at < self._probe_timeout_s:
+            return PROBE_BUSY_RETRY_S
+        self._probe = Permit(probe=True, issued_at=now)
+        return self._probe
 
-    def success(self) -> None:
-        self._failures = 0
-        self._probing = False
-        self._set("closed")
+    def success(self, permit: Permit) -> None:
+        if permit.probe:
+            if permit is self._probe:
+                self._probe = None
+                self._streak = 0
+                self._recent.clear()
+                self._set("closed", "the probe succeeded")
+            return
+        if self.state == "closed":
+            self._streak = 0
+            self._record(ok=True)
 
-    def failure(self) -> None:
-        self._failures += 1
-        was_probe = self._probing
-        self._probing = False
-        if was_probe or self._failures >= self._threshold:
-            self._opened_at = self._clock()
-            self._set("open")
+    def failure(self, permit: Permit) -> None:
+        if permit.probe:
+            if permit is self._probe:
+                self._probe = None
+                self._trip("the probe failed")
+            return
+        if self.state != "closed" or permit.issued_at < self._opened_at:
+            return
+        self._streak += 1
+        self._record(ok=False)
+        if self._streak >= self._threshold:
+            self._trip(f"{self._streak} consecutive failures")
+            return
+        failed = sum(1 for _, ok in self._recent if not ok)
+        full = len(self._recent) == self._recent.maxlen
+        if self._rate_threshold > 0 and full and failed >= self._rate_threshold * len(self._recent):
+            self._trip(f"{failed} of the last {len(self._recent)} attempts failed")
+
+    def abandon(self, permit: Permit) -> None:
+        """The attempt never reached the upstream: a probe gives its turn back."""
+        if permit.probe and permit is self._probe:
+            self._probe = None
+
+    def _record(self, *, ok: bool) -> None:
+        now = self._clock()
+        while self._recent and now - self._recent[0][0] > self._rate_window_s:
+            self._recent.popleft()
+        self._recent.append((now, ok))
+
+    def _trip(self, why: str) -> None:
+        self._opened_at = self._clock()
+        self._streak = 0
+        self._recent.clear()
+        self._set("open", why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +180,9 @@ class RetryPolicy:
     cap_s: float = 5.0
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Full-jitter exponential backoff, never shorter than the upstream's Retry-After."""
+        """Exponential backoff with jitter (half to all of ``base·2^attempt``, capped), never
+        shorter than the upstream's ``Retry-After``. The jitter keeps replicas that failed
+        together from retrying together."""
         delay: float = random.uniform(0.5, 1.0) * min(self.cap_s, self.base_s * 2.0**attempt)  # noqa: S311 - jitter
         return max(delay, retry_after or 0.0)
 
@@ -128,59 +222,83 @@ class ResilientUpstream:
         deadline = time.monotonic() + self._timeout_s
         attempt = 0
         while True:
-            wait = self.breaker.allow()
-            if wait is not None:
+            permit = self.breaker.allow()
+            if not isinstance(permit, Permit):
                 raise UpstreamFailure(
                     Problem(
                         "upstream_unavailable",
                         "ailabapi is failing; facegate is not calling it for now",
-                        retry_after=wait,
+                        retry_after=permit,
                     ),
                     retryable=False,
                     reason="breaker_open",
                 )
-            remaining = deadline - time.monotonic()
-            elapsed = 0.0
             try:
-                async with self.guard.slot(min(self._queue_timeout_s, remaining)):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise UpstreamFailure(
-                            Problem("upstream_timeout", "no time left to call ailabapi"),
-                            retryable=False,
-                            reason="deadline",
-                        )
-                    report.attempts += 1
-                    started = time.monotonic()
-                    try:
-                        answer = await self._inner.analyze(image, timeout_s=remaining)
-                    finally:
-                        elapsed = time.monotonic() - started
-                        report.upstream_s += elapsed
-            except GuardTimeout as exc:
-                # Our own queue, not an upstream failure: the breaker is not told.
-                raise UpstreamFailure(
-                    Problem(
-                        "upstream_unavailable",
-                        "too many calls to ailabapi in flight; try again shortly",
-                        retry_after=exc.retry_after,
-                    ),
-                    retryable=False,
-                    reason="guard_timeout",
-                ) from None
+                answer = await self._attempt(image, permit, deadline, report)
             except UpstreamFailure as failure:
-                self.breaker.failure()
-                self._notify(failure.reason, elapsed)
                 delay = self._policy.backoff(attempt, failure.retry_after)
-                if not failure.retryable or attempt >= self._policy.retries or time.monotonic() + delay >= deadline:
+                if (
+                    not failure.retryable
+                    or attempt >= self._policy.retries
+                    or self.breaker.state != "closed"  # this failure opened it: stop here
+                    or time.monotonic() + delay >= deadline
+                ):
                     raise
                 attempt += 1
                 log.info("upstream attempt failed (%s), retrying in %.2f s", failure.reason, delay)
                 await asyncio.sleep(delay)
                 continue
-            self.breaker.success()
-            self._notify("ok" if answer.verdict is None else answer.verdict.code, elapsed)
             return answer
+
+    async def _attempt(
+        self, image: ImagePayload, permit: Permit, deadline: float, report: CallReport
+    ) -> UpstreamAnswer:
+        """One attempt; tells the breaker its outcome, or gives the permit back if there was none."""
+        reached = False
+        elapsed = 0.0
+        try:
+            async with self.guard.slot(max(0.0, min(self._queue_timeout_s, deadline - time.monotonic()))):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamFailure(
+                        Problem("upstream_timeout", "no time was left to call ailabapi"),
+                        retryable=False,
+                        reason="deadline",
+                    )
+                reached = True
+                report.attempts += 1
+                started = time.monotonic()
+                try:
+                    answer = await self._inner.analyze(image, timeout_s=remaining)
+                finally:
+                    elapsed = time.monotonic() - started
+                    report.upstream_s += elapsed
+        except GuardTimeout as exc:
+            # Our own queue, not an upstream failure: the breaker is not told.
+            self.breaker.abandon(permit)
+            raise UpstreamFailure(
+                Problem(
+                    "upstream_unavailable",
+                    "too many calls to ailabapi in flight; try again shortly",
+                    retry_after=exc.retry_after,
+                ),
+                retryable=False,
+                reason="guard_timeout",
+            ) from None
+        except UpstreamFailure as failure:
+            if reached:
+                self.breaker.failure(permit)
+                self._notify(failure.reason, elapsed)
+            else:
+                self.breaker.abandon(permit)
+            raise
+        except BaseException:
+            # Cancelled (shutdown) or a bug: no verdict on the upstream either way.
+            self.breaker.abandon(permit)
+            raise
+        self.breaker.success(permit)
+        self._notify("ok" if answer.verdict is None else answer.verdict.code, elapsed)
+        return answer
 
     def _notify(self, outcome: str, elapsed: float) -> None:
         if self._on_attempt is not None:

@@ -1,0 +1,595 @@
+"""The six benchmark rows. Each appends :class:`Line` s (one table) and details to a :class:`Bench`.
+
+Rows 1-2 measure speed with wrk; rows 3-6 count things (upstream calls, admissions,
+memory, Redis round trips) with an asyncio client. Every gateway is ``python -m app
+serve`` (one uvicorn worker) against the simulator, started and stopped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import redis
+
+from app.tenants import new_key, paste_line
+from app.upstream import contract
+from bench import client, images, procs, profile, wrkrun
+from bench.redisproxy import CountingProxy
+
+ANALYZE = "/v1/faces/analyze"
+
+
+@dataclass
+class Line:
+    row: int
+    what: str
+    result: str
+    target: str = ""
+    verdict: str = ""  # PASS / FAIL / SKIP / "" (for information)
+
+
+@dataclass
+class Options:
+    rows: set[int]
+    quick: bool = False
+    seconds: float = 10.0
+    warmup: float = 2.0
+    connections: int = 32
+    profile: bool = False
+    info_logs: bool = True  # also measure the hit path with FACEGATE_LOG_LEVEL=info
+
+
+@dataclass
+class Bench:
+    opts: Options
+    workdir: Path
+    lines: list[Line] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    profiles: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    _servers: list[Any] = field(default_factory=list)
+    _replicas: list[procs.Server] | None = None
+
+    def __post_init__(self) -> None:
+        self.run_tag = secrets.token_hex(4)  # 8 chars: makes this run's images new to any cache
+        self.keys = {"bench": new_key(), "quota": new_key()}
+        self.tenants_file = self.workdir / "tenants.toml"
+        self.tenants_file.write_text(
+            "[defaults]\nrate_per_s = 1000000.0\nburst = 1000000\n"
+            "daily_quota = 1000000000\nmonthly_quota = 1000000000\n\n"
+            f"[tenants.bench]\n{paste_line(self.keys['bench'])}\n\n"
+            f"[tenants.quota]\n{paste_line(self.keys['quota'])}\ndaily_quota = 300\n"
+        )
+        self.base = images.jpeg_of_size(200_000, seed=7)
+        self.hit_image = images.tagged(self.base, self.run_tag + "hit")
+        self.hit_body = self.workdir / "hit-body.bin"
+        self.hit_body.write_bytes(images.multipart(self.hit_image))
+        prefix, suffix = images.multipart_parts(self.base)
+        self.prefix_file, self.suffix_file = self.workdir / "prefix.bin", self.workdir / "suffix.bin"
+        self.prefix_file.write_bytes(prefix)
+        self.suffix_file.write_bytes(suffix)
+        self.static_lua, self.distinct_lua = wrkrun.write_scripts(self.workdir)
+        self.sim = procs.Sim(self.workdir)
+        self.redis_url, self._own_redis, self.redis_note = procs.shared_redis(self.workdir)
+        self.answer: bytes | None = None
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def headers(self, tenant: str = "bench") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[tenant]}", "Content-Type": images.CONTENT_TYPE}
+
+    def gateway(
+        self,
+        name: str,
+        *,
+        redis_url: str = "",
+        prefix: str | None = None,
+        log_level: str = "warning",
+        extra: dict[str, str] | None = None,
+    ) -> procs.Server:
+        prefix = prefix or procs.new_prefix()
+        if redis_url:
+            self.prefixes.append(prefix)
+        env = procs.gateway_env(
+            self.sim, self.tenants_file, redis_url=redis_url, prefix=prefix, log_level=log_level, extra=extra
+        )
+        server = procs.start_gateway(name, env, self.workdir)
+        self._servers.append(server)
+        return server
+
+    def replicas(self) -> list[procs.Server]:
+        """Three gateways sharing one Redis and one key prefix (rows 3 and 4)."""
+        if self._replicas is None:
+            assert self.redis_url
+            prefix = procs.new_prefix()
+            # 200 uploads at once over 3 replicas is ~67 each: above the default per-process upload cap
+            # (64), which would answer some with 503 before they reach the collapsing under test.
+            extra = {"FACEGATE_MAX_UPLOADS_IN_FLIGHT": "256"}
+            self._replicas = [
+                self.gateway(f"replica{i}", redis_url=self.redis_url, prefix=prefix, extra=extra) for i in range(3)
+            ]
+        return self._replicas
+
+    def scan_logs(self) -> None:
+        for server in self._servers:
+            if server.name.startswith(("gw-", "miss-", "replica", "memory-", "rt-")) and not server.scanned:
+                server.scanned = True
+                for message, count in _log_problems(server).items():
+                    if "FACEGATE_REDIS_URL is not set" not in message:
+                        self.notes.append(f"{server.name} logged {count}x {message}")
+
+    def line(self, *args: Any, **kw: Any) -> Line:
+        item = Line(*args, **kw)
+        self.lines.append(item)
+        print(f"  [{item.row}] {item.what}: {item.result}" + (f"  -> {item.verdict}" if item.verdict else ""))
+        return item
+
+    def wrk_static(self, url: str, headers: dict[str, str], seconds: float) -> wrkrun.WrkResult:
+        args = [str(self.hit_body), wrkrun.headers_arg(headers)]
+        return wrkrun.run(url, self.static_lua, args, seconds=seconds, connections=self.opts.connections)
+
+    def wrk_distinct(self, url: str, headers: dict[str, str], seconds: float, connections: int) -> wrkrun.WrkResult:
+        tag = secrets.token_hex(4)  # fresh per run: warm-up and measurement never share an image
+        args = [str(self.prefix_file), str(self.suffix_file), tag, wrkrun.headers_arg(headers)]
+        threads = 1 if connections < 4 else 2
+        return wrkrun.run(url, self.distinct_lua, args, seconds=seconds, connections=connections, threads=threads)
+
+    def close(self) -> None:
+        for server in reversed(self._servers):
+            server.stop()
+        self.scan_logs()
+        self.sim.stop()
+        if self.redis_url and self.prefixes and self._own_redis is None:
+            removed = procs.delete_prefixes(self.redis_url, self.prefixes)
+            self.notes.append(f"removed {removed} benchmark keys from the shared Redis (this run's prefixes only)")
+        if self._own_redis is not None:
+            self._own_redis.stop()
+
+
+def _log_problems(server: procs.Server) -> Counter[str]:
+    """Warnings and errors a gateway logged (JSON lines), by message: a benchmark that made the
+    gateway complain must say so."""
+    found: Counter[str] = Counter()
+    for line in server.output().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if record.get("level") in ("warning", "error", "critical") and record.get("logger") != "facegate.access":
+            found[f"{record.get('level')}: {str(record.get('msg'))[:160]}"] += 1
+    return found
+
+
+def fmt_wrk(r: wrkrun.WrkResult) -> str:
+    return f"{r.rps:,.0f} req/s · p50 {r.p50_ms:.1f} ms · p99 {r.p99_ms:.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# --- row 1: cache-hit throughput ----------------------------------------------------------
+
+
+def row1(b: Bench) -> None:
+    if not wrkrun.available():
+        b.line(1, "cache-hit throughput", "wrk is not installed (apt-get install wrk): row skipped", verdict="SKIP")
+        return
+    o = b.opts
+    variants: list[tuple[str, str]] = [("memory", "warning")]
+    if o.info_logs:
+        variants.append(("memory", "info"))
+    if b.redis_url:
+        variants.append(("redis", "warning"))
+        if o.info_logs:
+            variants.append(("redis", "info"))
+    results: dict[tuple[str, str], wrkrun.WrkResult] = {}
+    for mode, level in variants:
+        gw = b.gateway(f"gw-{mode}-{level}", redis_url=b.redis_url or "" if mode == "redis" else "", log_level=level)
+        url = gw.url + ANALYZE
+        with httpx.Client(timeout=30) as http:
+            body = b.hit_body.read_bytes()
+            first = http.post(url, content=body, headers=b.headers())
+            second = http.post(url, content=body, headers=b.headers())
+        if first.status_code != 200 or client.cache_kind(second.headers.get("cache-status")) != "hit":
+            raise RuntimeError(f"{gw.name}: priming failed: {first.status_code} {second.headers}")
+        if b.answer is None:
+            b.answer = second.content
+        calls = b.sim.calls()
+        b.wrk_static(url, b.headers(), o.warmup)
+        res = b.wrk_static(url, b.headers(), o.seconds)
+        misses = b.sim.calls() - calls
+        if res.errors or misses:
+            b.notes.append(f"row 1 {gw.name}: {res.errors} errors, {misses} upstream calls during a hit-only run")
+        results[(mode, level)] = res
+        if o.profile and level == "warning":
+            profile_hits(b, gw, mode)
+        gw.stop()
+
+    assert b.answer is not None
+    answer_file = b.workdir / "answer.json"
+    answer_file.write_bytes(b.answer)
+    base = procs.start_baseline(answer_file, b.workdir)
+    b._servers.append(base)
+    b.wrk_static(base.url + ANALYZE, b.headers(), o.warmup)
+    baseline = b.wrk_static(base.url + ANALYZE, b.headers(), o.seconds)
+    base.stop()
+    b.line(1, "baseline app (FastAPI UploadFile + SHA-256 + fixed JSON)", fmt_wrk(baseline))
+    for (mode, level), res in results.items():
+        ratio = res.rps / baseline.rps if baseline.rps else 0.0
+        what = f"facegate cache hit, {'in-memory' if mode == 'memory' else 'Redis'} mode, log {level}"
+        if level == "warning":
+            b.line(1, what, f"{fmt_wrk(res)} · {ratio:.2f}x baseline", "≥ 0.80x baseline", verdict(ratio >= 0.8))
+        else:
+            b.line(1, what, f"{fmt_wrk(res)} · {ratio:.2f}x baseline")
+
+    nginx = procs.start_nginx(b.answer, b.workdir)
+    if nginx is None:
+        b.line(1, "nginx (ceiling)", "nginx is not installed (apt-get install nginx): skipped", verdict="SKIP")
+    else:
+        b._servers.append(nginx)
+        b.wrk_static(nginx.url + "/answer.json", b.headers(), o.warmup)
+        res = b.wrk_static(nginx.url + "/answer.json", b.headers(), o.seconds)
+        nginx.stop()
+        b.line(1, "nginx, same POST, static file of the same size (1 worker: the ceiling)", fmt_wrk(res))
+    b.details.append(
+        f"Row 1: wrk -t2 -c{o.connections} -d{o.seconds:g}s (after a {o.warmup:g}s warm-up), POST multipart "
+        f"{b.hit_body.stat().st_size:,} B body ({len(b.hit_image):,} B JPEG); answer {len(b.answer):,} B. "
+        "Every facegate request was a cache hit (the simulator saw no call during the runs)."
+    )
+
+
+def profile_hits(b: Bench, gw: procs.Server, mode: str) -> None:
+    if profile.py_spy() is None:
+        b.notes.append("py-spy is not installed (pip install py-spy): no profile")
+        return
+    out = profile.PROFILES / f"hit-{mode}.speedscope.json"
+    seconds = b.opts.seconds
+    spy = profile.start(gw.pid, out, seconds)
+    time.sleep(0.5)
+    b.wrk_static(gw.url + ANALYZE, b.headers(), seconds)
+    _, err = spy.communicate(timeout=seconds + 30)
+    if spy.returncode != 0 or not out.exists():
+        b.notes.append(f"py-spy failed for {mode}: {err.decode(errors='replace')[-300:]}")
+        return
+    summary = profile.summarize(out)
+    b.profiles[f"cache hit, {mode} mode ({out.relative_to(procs.ROOT)})"] = summary.text()
+
+
+# --- row 2: miss-path overhead --------------------------------------------------------------
+
+
+def row2(b: Bench) -> None:
+    if not wrkrun.available():
+        b.line(2, "miss-path overhead", "wrk is not installed (apt-get install wrk): row skipped", verdict="SKIP")
+        return
+    o = b.opts
+    gateways = [("in-memory", b.gateway("miss-memory"))]
+    if b.redis_url:
+        gateways.append(("Redis", b.gateway("miss-redis", redis_url=b.redis_url)))
+    sim_headers = {contract.KEY_HEADER: procs.SIM_KEY, "Content-Type": images.CONTENT_TYPE}
+    plan = [(0, 1), (300, 16)]  # (simulator latency ms, concurrent connections)
+    for latency, conns in plan:
+        b.sim.reset()
+        b.sim.set_latency(latency)
+        seconds = o.seconds
+        b.wrk_distinct(b.sim.url + contract.ANALYZE_PATH, sim_headers, 1, conns)
+        direct = b.wrk_distinct(b.sim.url + contract.ANALYZE_PATH, sim_headers, seconds, conns)
+        b.line(2, f"simulator called directly, latency {latency} ms, {conns} conn", fmt_wrk(direct))
+        for mode, gw in gateways:
+            b.wrk_distinct(gw.url + ANALYZE, b.headers(), 1, conns)
+            calls = b.sim.calls()
+            res = b.wrk_distinct(gw.url + ANALYZE, b.headers(), seconds, conns)
+            upstream = b.sim.calls() - calls
+            if res.errors or upstream < res.requests:
+                b.notes.append(
+                    f"row 2 {mode} {latency} ms: {res.errors} errors, {upstream} upstream calls for {res.requests}"
+                )
+            d50, d99 = res.p50_ms - direct.p50_ms, res.p99_ms - direct.p99_ms
+            b.line(
+                2,
+                f"facegate miss, {mode} mode, latency {latency} ms, {conns} conn",
+                f"{fmt_wrk(res)} · adds p50 {d50:+.1f} ms, p99 {d99:+.1f} ms",
+                "≤ +3 ms p50, ≤ +10 ms p99",
+                verdict(d50 <= 3.0 and d99 <= 10.0),
+            )
+    for _, gw in gateways:
+        gw.stop()
+    b.details.append(
+        f"Row 2: wrk, {o.seconds:g}s per run, every request a distinct image (a tag in a JPEG COM segment), "
+        "so every facegate request is a cache miss and one upstream call; 'adds' = facegate minus the direct "
+        "call at the same latency and concurrency (1 connection at 0 ms: pure added latency, no queueing)."
+    )
+
+
+# --- row 3: collapsing ------------------------------------------------------------------------
+
+
+def row3(b: Bench) -> None:
+    if not b.redis_url:
+        b.line(3, "collapsing over 3 replicas", "no Redis: skipped", verdict="SKIP")
+        return
+    replicas = b.replicas()
+    b.sim.reset()
+    b.sim.set_latency(1000)
+    body = images.multipart(images.tagged(b.base, b.run_tag + "collapse"))
+    jobs = [(replicas[i % 3].url + ANALYZE, b.headers(), body) for i in range(200)]
+    started = time.perf_counter()
+    outcomes = asyncio.run(client.run_all(jobs, concurrency=200))
+    took = time.perf_counter() - started
+    calls = b.sim.calls()
+    counts = client.tally(outcomes)
+    ok = counts.get("200", 0)
+    b.line(
+        3,
+        "200 identical concurrent uploads over 3 replicas (shared Redis), upstream latency 1 s",
+        f"{calls} upstream call(s); {ok}/200 answered 200 in {took:.1f} s "
+        f"({counts.get('cache:miss', 0)} led, {counts.get('cache:collapsed', 0)} collapsed, "
+        f"{counts.get('cache:hit', 0)} hits)",
+        "exactly 1 upstream call",
+        verdict(calls == 1 and ok == 200),
+    )
+    b.details.append(f"Row 3 outcomes: {counts}")
+    print(f"      {b.details[-1]}")
+
+
+# --- row 4: quota exactness ---------------------------------------------------------------------
+
+
+def row4(b: Bench) -> None:
+    if not b.redis_url:
+        b.line(4, "quota exactness over 3 replicas", "no Redis: skipped", verdict="SKIP")
+        return
+    replicas = b.replicas()
+    b.sim.reset()
+    b.sim.set_latency(100)
+    quota = 300
+    jobs = []
+    for i in range(1000):
+        body = images.multipart(images.tagged(b.base, f"{b.run_tag}q{i:06d}"))
+        jobs.append((replicas[i % 3].url + ANALYZE, b.headers("quota"), body))
+    started = time.perf_counter()
+    outcomes = asyncio.run(client.run_all(jobs, concurrency=64))
+    took = time.perf_counter() - started
+    calls = b.sim.calls()
+    counts = client.tally(outcomes)
+    admitted = counts.get("200", 0)
+    refused = counts.get("429 quota_exceeded", 0)
+    with httpx.Client(timeout=10) as http:
+        usage = http.get(replicas[0].url + "/v1/usage", headers=b.headers("quota")).json()
+    used = int(usage["quotas"]["daily"]["used"])
+    over = max(0, admitted - quota) + max(0, calls - admitted)
+    exact = admitted == quota == calls == used and admitted + refused == 1000
+    b.line(
+        4,
+        "quota: daily_quota 300, 1000 distinct uploads, 64 at once over 3 replicas, upstream latency 100 ms",
+        f"{admitted} admitted, {refused} refused (429), {calls} upstream calls, usage says {used} used, "
+        f"{over} over-admits ({took:.1f} s)",
+        "0 over-admits (admitted = upstream calls = 300)",
+        verdict(over == 0 and exact),
+    )
+    b.details.append(f"Row 4 outcomes: {counts}")
+    print(f"      {b.details[-1]}")
+
+
+# --- row 5: memory ---------------------------------------------------------------------------------
+
+
+def row5(b: Bench) -> None:
+    big = images.jpeg_of_size(5_000_000, seed=11, quality=95)
+    mode = "Redis" if b.redis_url else "in-memory"
+    variants: list[tuple[str, dict[str, str]]] = []
+    if not b.opts.quick:
+        variants.append(("default FACEGATE_MAX_UPLOADS_IN_FLIGHT=64", {}))
+    raised = {"FACEGATE_MAX_UPLOADS_IN_FLIGHT": "256"}
+    variants.append(("FACEGATE_MAX_UPLOADS_IN_FLIGHT=256 (all 200 accepted)", raised))
+    for label, extra in variants:
+        b.sim.reset()
+        b.sim.set_latency(2000)
+        gw = b.gateway("memory-row", redis_url=b.redis_url or "", extra=extra)
+        idle = gw.status()
+        peak: Counter[str] = Counter()
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_rss, args=(gw, peak, stop), daemon=True)
+        sampler.start()
+        length = str(len(images.multipart(images.tagged(big, "x"))))
+        headers = {**b.headers(), "Content-Length": length}
+        jobs: list[tuple[str, dict[str, str], client.Body]] = [
+            (gw.url + ANALYZE, headers, _streamed(big, f"{b.run_tag}m{len(variants)}{label[:2]}{i:05d}"))
+            for i in range(200)
+        ]
+        started = time.perf_counter()
+        outcomes = asyncio.run(client.run_all(jobs, concurrency=200, timeout_s=180))
+        took = time.perf_counter() - started
+        stop.set()
+        sampler.join()
+        after = gw.status()
+        gw.stop()
+        counts = client.tally(outcomes)
+        hwm_mb = after["VmHWM"] / 1024
+        b.line(
+            5,
+            f"200 concurrent 5 MB uploads, upstream latency 2 s, {mode} mode, {label}",
+            f"peak RSS {hwm_mb:.0f} MB (idle {idle['VmRSS'] / 1024:.0f} MB); "
+            f"{counts.get('200', 0)} answered 200, {sum(v for k, v in counts.items() if k.startswith('503'))} got 503 "
+            f"in {took:.1f} s",
+            "≤ 200 MB per worker",
+            verdict(hwm_mb <= 200),
+        )
+        b.details.append(
+            f"Row 5 ({label}): outcomes {counts}; image {len(big):,} B; VmHWM {hwm_mb:.0f} MB; sampled peaks: "
+            f"VmRSS {peak['VmRSS'] / 1024:.0f} MB, of which at most anonymous {peak['RssAnon'] / 1024:.0f} MB, "
+            f"file-backed {peak['RssFile'] / 1024:.0f} MB, shmem {peak['RssShmem'] / 1024:.0f} MB"
+        )
+        print(f"      {b.details[-1]}")
+
+
+def _sample_rss(server: procs.Server, peak: Counter[str], stop: threading.Event) -> None:
+    """Peaks of VmRSS and of its anonymous / file-backed parts, every 20 ms (VmHWM has no split)."""
+    while not stop.is_set():
+        try:
+            now = server.status()
+        except OSError:
+            return
+        for key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            peak[key] = max(peak[key], now.get(key, 0))
+        time.sleep(0.02)
+
+
+def _streamed(image: bytes, tag: str) -> Callable[[], AsyncIterator[bytes]]:
+    """A multipart body streamed from one shared image (200 x 5 MB never sit in the client at once)."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield images.multipart_head()
+        yield images.tagged(image[:2], tag)  # SOI + the COM segment with the tag
+        for start in range(2, len(image), 256 * 1024):
+            yield image[start : start + 256 * 1024]
+        yield images.multipart_tail()
+
+    return gen
+
+
+# --- row 6: Redis commands per request ----------------------------------------------------------------
+
+
+def _commandstats(url: str) -> Counter[str]:
+    r = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        stats = r.info("commandstats")
+    finally:
+        r.close()
+    out: Counter[str] = Counter()
+    for name, value in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if command not in ("info",):
+            out[command] = int(value["calls"])
+    return out
+
+
+def row6(b: Bench) -> None:
+    own: procs.RedisServer | None = None
+    try:
+        own = procs.RedisServer(b.workdir)
+        target = own.url
+        where = "a redis-server started for this row"
+    except (FileNotFoundError, RuntimeError):
+        if not b.redis_url:
+            b.line(6, "Redis commands per request", "no Redis: skipped", verdict="SKIP")
+            return
+        target = b.redis_url
+        where = "the shared Redis (deltas; other clients would add noise)"
+    host, port = target.split("//", 1)[1].split("/", 1)[0].split(":")
+    proxy = CountingProxy(host, int(port)).start()
+    prefix = procs.new_prefix()
+    if own is None:
+        b.prefixes.append(prefix)
+    try:
+        a = b.gateway("rt-a", redis_url=proxy.url, prefix=prefix)
+        c = b.gateway("rt-b", redis_url=proxy.url, prefix=prefix)
+        time.sleep(1.0)  # let start-up traffic (subscriptions, script loads) settle
+
+        def measure(send: Callable[[httpx.Client], int]) -> tuple[float, dict[str, float], int]:
+            with httpx.Client(timeout=30) as http:
+                rt0, cs0 = proxy.round_trips, _commandstats(target)
+                n = send(http)
+                time.sleep(0.2)
+                rt1, cs1 = proxy.round_trips, _commandstats(target)
+            per = {k: (cs1[k] - cs0.get(k, 0)) / n for k in cs1 if cs1[k] - cs0.get(k, 0)}
+            return (rt1 - rt0) / n, per, n
+
+        def post(http: httpx.Client, gw: procs.Server, image: bytes, want: str) -> None:
+            r = http.post(gw.url + ANALYZE, content=images.multipart(image), headers=b.headers())
+            if r.status_code != 200 or client.cache_kind(r.headers.get("cache-status")) != want:
+                raise RuntimeError(f"row 6: expected a {want}, got {r.status_code} {r.headers.get('cache-status')}")
+
+        hot = images.tagged(b.base, b.run_tag + "rt-hot")
+        with httpx.Client(timeout=30) as http:
+            post(http, a, hot, "miss")
+            post(http, a, hot, "hit")
+            for _ in range(3):  # warm replica b's connection pool, as a replica in service has it
+                post(http, c, hot, "hit")
+        n_hits, n_miss = 50, 20
+        fresh = [images.tagged(b.base, f"{b.run_tag}rt{i:04d}") for i in range(n_miss)]
+
+        def hits(http: httpx.Client) -> int:
+            for _ in range(n_hits):
+                post(http, a, hot, "hit")
+            return n_hits
+
+        def misses(http: httpx.Client) -> int:
+            for image in fresh:
+                post(http, a, image, "miss")
+            return n_miss
+
+        def remote_hits(http: httpx.Client) -> int:
+            for image in fresh:
+                post(http, c, image, "hit")
+            return n_miss
+
+        def idle(http: httpx.Client) -> int:
+            time.sleep(2.0)
+            return 1
+
+        results = {
+            "idle (2 s, nothing sent)": measure(idle),
+            "cache hit (entry in the replica's local tier)": measure(hits),
+            "cache miss (distinct images)": measure(misses),
+            "cache hit from Redis (first hit on another replica)": measure(remote_hits),
+        }
+    finally:
+        for server in b._servers:
+            if server.name in ("rt-a", "rt-b"):
+                server.stop()
+        proxy.stop()
+        if own is not None:
+            own.stop()
+    for what, (rt, per, _) in results.items():
+        commands = ", ".join(f"{k} {v:g}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+        target_text, v = "", ""
+        if what.startswith("cache hit"):
+            target_text, v = "≤ 1 round trip after auth", verdict(rt <= 1.0)
+        b.line(6, f"Redis per request: {what}", f"{rt:g} round trips; commands: {commands or 'none'}", target_text, v)
+    b.details.append(
+        f"Row 6: {where}, behind a counting TCP proxy. A round trip = the gateway sends and waits for the reply "
+        "(a pipeline is one); commands come from INFO commandstats deltas and include those run inside Lua "
+        "scripts (evalsha's get/set/hincrby...), so they are server work, not extra round trips."
+    )
+
+
+ROWS: dict[int, Callable[[Bench], None]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6}
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="facegate-bench-"))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def selected(spec: str | None) -> set[int]:
+    if not spec:
+        return set(ROWS)
+    rows = {int(x) for x in spec.replace(" ", "").split(",") if x}
+    unknown = rows - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown row(s): {sorted(unknown)}; rows are 1-6")
+    return rows
+
+
+__all__: Sequence[str] = ["ROWS", "Bench", "Line", "Options", "selected"]
