@@ -234,7 +234,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        await service.drain(settings.shutdown_grace_s)
+        # uvicorn already gave requests the grace period; flights left now lost their
+        # requesters (cut off or disconnected): a short wait, then they are cancelled and refunded.
+        await service.drain(min(settings.shutdown_grace_s, 5.0))
         await http.aclose()
         for close in (coordinator.close, limiter.close, cache.close, guard.close, *reversed(closers)):
             with contextlib.suppress(Exception):

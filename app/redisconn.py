@@ -95,9 +95,6 @@ class RedisHealth:
             self._on_error(component)
         if now - self._last_log.get(component, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._last_log[component] = now
-            log.warning(
-                "redis unavailable for %s (%s); failing %s",
-                component,
-                type(exc).__name__,
-                "closed" if component == "quota" else "open",
-            )
+            # What happens next is the component's policy (the cache skips, quotas follow
+            # FACEGATE_QUOTA_FAIL_MODE), so the line states only the fact.
+            log.warning("redis unavailable for %s (%s); retrying in %.0f s", component, type(exc).__name__, COOLDOWN_S)

@@ -436,7 +436,7 @@ class AnalyzeService:
                 raise UpstreamFailure(
                     Problem("upstream_error", "ailabapi answered in a shape facegate does not know"),
                     retryable=False,
-                    billed=answer.billed,  # it answered: the credit is gone even if the shape is new
+                    billed=False,
                     reason="bad_shape",
                 ) from None
         return Entry(

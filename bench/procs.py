@@ -96,6 +96,10 @@ class Server:
                 self.proc.wait(timeout)
         self._log.close()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process and its children (nginx's worker), from /proc."""
+        return tree_cpu_seconds(self.pid)
+
     def status(self) -> dict[str, int]:
         """VmRSS, VmHWM (peak RSS) and the RSS split (anonymous, file-backed, shmem), in kB, from /proc."""
         out: dict[str, int] = {}
@@ -105,6 +109,31 @@ class Server:
                 if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                     out[key] = int(value.split()[0])
         return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # fields after the command name: state, ppid, ...
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU (utime + stime) of ``pid`` and its direct children, in seconds."""
+    hz = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(int(entry.name))
+            if fields is not None and fields[1] == str(pid):
+                pids.append(int(entry.name))
+    total = 0.0
+    for p in pids:
+        fields = _stat(p)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / hz  # utime, stime (fields 14, 15 of stat)
+    return total
 
 
 # --- simulator -------------------------------------------------------------------------

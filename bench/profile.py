@@ -37,18 +37,18 @@ def start(pid: int, out: Path, seconds: float, rate: int = 200) -> subprocess.Po
 
 @dataclass
 class Summary:
-    samples: int
+    seconds: float
     self_by_function: list[tuple[str, float]]
     self_by_package: list[tuple[str, float]]
     inclusive: list[tuple[str, float]]
 
     def text(self, top: int = 15) -> str:
-        lines = [f"{self.samples} samples (non-idle)"]
+        lines = [f"{self.seconds:.1f} s of non-idle samples; % of those"]
         lines.append("self time by package:")
         lines += [f"  {pct:5.1f}%  {name}" for name, pct in self.self_by_package[:12]]
         lines.append(f"self time, top {top} functions:")
         lines += [f"  {pct:5.1f}%  {name}" for name, pct in self.self_by_function[:top]]
-        lines.append(f"inclusive time, top {top + 10} facegate/framework functions:")
+        lines.append(f"inclusive time, top {top + 10} facegate functions and key framework steps:")
         lines += [f"  {pct:5.1f}%  {name}" for name, pct in self.inclusive[: top + 10]]
         return "\n".join(lines)
 
@@ -82,19 +82,37 @@ def _label(frame: dict[str, Any], pkg: str) -> str:
     return name
 
 
-def _interesting(pkg: str) -> bool:
-    return pkg.startswith("app.") or pkg in {
-        "starlette",
-        "fastapi",
-        "uvicorn",
-        "python_multipart",
-        "redis",
-        "httpx",
-        "httpcore",
-        "prometheus_client",
-        "orjson",
-        "pydantic",
+#: Framework functions worth an inclusive number (the rest of the framework is a pass-through chain).
+_KEY_FRAMEWORK = frozenset(
+    {
+        "solve_dependencies",
+        "serialize_response",
+        "run_endpoint_function",
+        "Request.stream",
+        "Request.form",
+        "RequestResponseCycle.send",
+        "RequestResponseCycle.receive",
+        "HttpToolsProtocol.data_received",
+        "HttpToolsProtocol.on_body",
+        "HttpToolsProtocol.on_headers_complete",
+        "MultipartParser.write",
+        "Redis.execute_command",
+        "Script.__call__",
+        "AbstractConnection.send_packed_command",
+        "AbstractConnection.read_response",
+        "Logger.info",
+        "Logger._log",
+        "Histogram.observe",
+        "Counter.inc",
+        "MetricWrapperBase.labels",
+        "JSONResponse.render",
+        "Response.__init__",
     }
+)
+
+
+def _interesting(pkg: str, name: str) -> bool:
+    return pkg.startswith("app.") or name in _KEY_FRAMEWORK
 
 
 def summarize(path: Path) -> Summary:
@@ -125,8 +143,9 @@ def summarize(path: Path) -> Summary:
             self_pkg[packages[leaf]] += w
             seen = set()
             for idx in stack:
-                label = names[idx].split(" (", 1)[0] + " (" + packages[idx] + ")"
-                if label in seen or not _interesting(packages[idx]):
+                plain = str(frames[idx].get("name", "?"))
+                label = f"{plain} ({packages[idx]})"
+                if label in seen or not _interesting(packages[idx], plain):
                     continue
                 seen.add(label)
                 incl[label] += w
@@ -136,4 +155,4 @@ def summarize(path: Path) -> Summary:
     def pct(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, 100.0 * w / total) for name, w in counter.most_common()]
 
-    return Summary(int(total), pct(self_fn), pct(self_pkg), pct(incl))
+    return Summary(total, pct(self_fn), pct(self_pkg), pct(incl))

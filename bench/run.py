@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -81,6 +82,42 @@ def machine() -> list[tuple[str, str]]:
     ]
 
 
+class CpuWatch:
+    """How much CPU the rest of the machine used while we ran: benchmarks on a shared 2-core box
+    are only as good as that number is small. Ours = this process + its reaped children (every
+    server and wrk run is a child); the machine's = busy jiffies in /proc/stat."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.busy0, self.steal0 = self._machine()
+        self.ours0 = self._ours()
+
+    @staticmethod
+    def _machine() -> tuple[float, float]:
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return 0.0, 0.0
+        hz = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq) / hz, steal / hz
+
+    @staticmethod
+    def _ours() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def summary(self) -> str:
+        elapsed = max(1e-9, time.monotonic() - self.t0)
+        busy, steal = self._machine()
+        ours = self._ours() - self.ours0
+        others = max(0.0, (busy - self.busy0) - ours)
+        return (
+            f"{others / elapsed:.2f} cores busy with other processes on average during the run "
+            f"(this run: {ours / elapsed:.2f} cores; hypervisor steal {(steal - self.steal0) / elapsed:.2f})"
+        )
+
+
 def table(lines: list[Line]) -> str:
     out = ["| row | measurement | result | target | verdict |", "|---|---|---|---|---|"]
     for item in lines:
@@ -127,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="short runs (about a minute or two)")
     p.add_argument("--rows", help="comma-separated rows to run (1-6); default all")
-    p.add_argument("--seconds", type=float, help="wrk run length (default 10, --quick 4)")
+    p.add_argument("--seconds", type=float, help="wrk run length (default 10, --quick 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections for row 1 (default 32)")
     p.add_argument("--profile", action="store_true", help="record the hit path with py-spy (bench/profiles/)")
     p.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
@@ -137,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(
         rows=selected(args.rows),
         quick=args.quick,
-        seconds=args.seconds or (4.0 if args.quick else 10.0),
+        seconds=args.seconds or (3.0 if args.quick else 10.0),
         warmup=1.0 if args.quick else 2.0,
         connections=args.connections,
         profile=args.profile,
@@ -147,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.run" + (" " + shlex.join(given) if given else "")
     facts = machine()
     started, t0 = datetime.now(UTC), time.monotonic()
+    watch = CpuWatch()
     print(f"facegate benchmarks: rows {sorted(opts.rows)}{' (quick)' if opts.quick else ''}", flush=True)
     for name, value in facts:
         print(f"  {name}: {value}")
@@ -157,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  Redis: {bench.redis_note}", flush=True)
     try:
         for row in sorted(opts.rows):
-            print(f"row {row} ...", flush=True)
+            load = os.getloadavg()[0]
+            bench.details.append(f"Row {row} started at load average {load:.2f} (1 min).")
+            print(f"row {row} ... (load average {load:.2f})", flush=True)
             ROWS[row](bench)
     finally:
         bench.close()
@@ -166,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             remove(wd)
     took = time.monotonic() - t0
+    load = os.getloadavg()
+    facts.append(("load average at end", f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"))
+    facts.append(("contention", watch.summary()))
     print()
+    print(f"contention: {facts[-1][1]}")
     print(table(bench.lines))
     for note in bench.notes:
         print(f"note: {note}")

@@ -27,9 +27,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from app.quota import _lua
+from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
+from app.upstream.guard import GuardTimeout, LocalGuard, RedisGuard
 from tests.conftest import PY, Gateway, RedisServer, Sim, start_gateway, unique_image, write_tenants
 from tests.servers import ROOT, ServerProcess
 
@@ -549,20 +552,24 @@ def test_one_redis_round_trip_for_rate_limit_and_quota(
         with monitor_log.open("wb") as out:
             mon = subprocess.Popen(["redis-cli", "-p", str(own_redis.port), "monitor"], stdout=out)
             try:
-                time.sleep(0.3)
+
+                def mark(name: str) -> bool:
+                    argv = ["redis-cli", "-p", str(own_redis.port), "echo", f"mark-{name}"]
+                    return subprocess.run(argv, check=True, capture_output=True).returncode == 0
+
+                def seen(name: str) -> bool:
+                    return f'"mark-{name}"'.encode() in monitor_log.read_bytes()
+
+                assert wait_for(lambda: mark("ready") and seen("ready")), "MONITOR did not attach"
                 image = unique_image()
-                mark = lambda name: subprocess.run(  # noqa: E731
-                    ["redis-cli", "-p", str(own_redis.port), "echo", f"mark-{name}"], check=True, capture_output=True
-                )
                 mark("miss")
                 assert a.analyze(image, tenant="m").headers["cache-status"].endswith("stored")
-                time.sleep(0.2)  # the lead's settle, store and release finish after the answer
                 mark("l1-hit")
                 assert a.analyze(image, tenant="m").headers["cache-status"].startswith("facegate; hit")
                 mark("redis-hit")
                 assert b.analyze(image, tenant="m").headers["cache-status"].startswith("facegate; hit")
                 mark("end")
-                time.sleep(0.3)
+                assert wait_for(lambda: seen("end"))
             finally:
                 mon.terminate()
                 mon.wait(5)
@@ -588,3 +595,69 @@ def test_one_redis_round_trip_for_rate_limit_and_quota(
         for name in ("miss", "l1-hit", "redis-hit"):
             verbs = Counter(c.split(" ", 1)[0].strip('"') for c in sections[name])
             print(f"\n[redis per request] {name}: {len(sections[name])} commands {dict(verbs)}", file=sys.stderr)
+
+
+# --- the guard's parts, on a real Redis --------------------------------------------------------
+
+
+async def test_redis_guard_holds_the_line_across_instances(redis_url: str) -> None:
+    """Two guards on two connection pools (two replicas): never more than 2 slots held at once."""
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    prefix = "t" + uuid.uuid4().hex[:12]
+    try:
+        guards = [RedisGuard(c, RedisHealth(), prefix, qps=10_000, max_concurrency=2, lease_s=5) for c in clients]
+        inside, peak, done = 0, 0, 0
+
+        async def call(guard: RedisGuard) -> None:
+            nonlocal inside, peak, done
+            async with guard.slot(10):
+                inside += 1
+                peak = max(peak, inside)
+                await asyncio.sleep(0.01)
+                inside -= 1
+                done += 1
+
+        await asyncio.gather(*(call(guards[i % 2]) for i in range(24)))
+        assert (peak, done) == (2, 24)
+        # Paced starts: 6 calls at 20/s cannot all start in less than 5 intervals (a lower bound only).
+        paced = RedisGuard(clients[0], RedisHealth(), prefix + "p", qps=20, max_concurrency=100, lease_s=5)
+        started = time.monotonic()
+        for _ in range(6):
+            async with paced.slot(5):
+                pass
+        assert time.monotonic() - started >= 5 * 0.05 * 0.9
+        # A full guard makes a caller give up at its deadline, with a retry hint.
+        full = RedisGuard(clients[1], RedisHealth(), prefix + "f", qps=1000, max_concurrency=1, lease_s=5)
+        async with full.slot(5):
+            with pytest.raises(GuardTimeout) as refused:
+                async with RedisGuard(
+                    clients[0], RedisHealth(), prefix + "f", qps=1000, max_concurrency=1, lease_s=5
+                ).slot(0.1):
+                    pass
+        assert refused.value.retry_after > 0
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+async def test_local_guard_queue_is_bounded() -> None:
+    """Callers that could not start before their deadline even in the best case are refused at once."""
+    guard = LocalGuard(qps=10, max_concurrency=1)
+    bound = guard.queue_bound(0.3)
+    assert bound == 1 + 3
+    peak = 0
+
+    async def call() -> str:
+        nonlocal peak
+        try:
+            async with guard.slot(0.3):
+                peak = max(peak, guard.waiting)
+                await asyncio.sleep(0.05)
+        except GuardTimeout:
+            return "refused"
+        return "ok"
+
+    outcomes = Counter(await asyncio.gather(*(call() for _ in range(12))))
+    assert outcomes["refused"] >= 12 - bound - 1
+    assert outcomes["ok"] >= 1
+    assert peak <= bound

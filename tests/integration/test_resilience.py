@@ -166,7 +166,7 @@ def test_breaker_opens_fails_fast_then_probes_and_recovers(breaker_gw: Gateway, 
     response, elapsed = timed(gw, unique_image())
     assert response.status_code == 503
     assert response.json()["code"] == "upstream_unavailable"
-    assert 1 <= int(response.headers["retry-after"]) <= 1
+    assert response.headers["retry-after"] == "1"  # what is left of the 1 s reset period, rounded up
     assert sim.calls == 3, "an open breaker does not call the upstream"
     assert elapsed < 0.5
     assert httpx.get(gw.url + "/readyz").status_code == 200, "readiness ignores the upstream on purpose"
@@ -199,7 +199,7 @@ def test_half_open_breaker_lets_one_probe_through(breaker_gw: Gateway, sim: Sim)
         gw.analyze(unique_image())
     assert metric(gw, "facegate_upstream_breaker_state") == 2
     time.sleep(1.1)
-    sim.faults(latency_ms=700)  # healthy but slow: the probe is out for a while
+    sim.faults(latency_ms=1500)  # healthy but slow: the probe is out while the others arrive
     results: list[int] = []
 
     def call() -> None:

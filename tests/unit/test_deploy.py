@@ -288,7 +288,8 @@ def test_facegate_pod(tree: str) -> None:
     assert command[0] not in ("sh", "/bin/sh", "bash", "/bin/bash"), "no shell needed for the preStop sleep"
     sleep_s = float(re.search(r"sleep\((\d+(?:\.\d+)?)\)", " ".join(command)).group(1))  # type: ignore[union-attr]
     grace = float(env["FACEGATE_SHUTDOWN_GRACE_S"])
-    assert pod["terminationGracePeriodSeconds"] > sleep_s + grace
+    # After the grace, the app gives detached upstream calls up to 5 s and their refunds 5 s more.
+    assert pod["terminationGracePeriodSeconds"] > sleep_s + grace + 10
 
 
 @pytest.mark.parametrize("tree", TREES)
@@ -840,7 +841,8 @@ def test_compose_services_and_healthchecks() -> None:
     assert facegate["build"]["dockerfile"] == "Dockerfile"
     assert any(_interpolate_defaults(str(p)).endswith(":8000") for p in facegate["ports"])
     assert facegate["read_only"] is True
-    assert any(str(t).startswith("/tmp") for t in facegate["tmpfs"])
+    # Large uploads spool to /tmp: a disk-backed volume (a tmpfs would put them back in RAM).
+    assert any(str(v).endswith(":/tmp") for v in facegate["volumes"] if isinstance(v, str))
     assert facegate["cap_drop"] == ["ALL"]
     assert facegate["healthcheck"]["test"][0] == "CMD"
     assert "/healthz" in " ".join(facegate["healthcheck"]["test"])
@@ -868,7 +870,11 @@ def test_compose_secret_and_tenants_wiring() -> None:
     ignored = {line.strip().strip("/") for line in (REPO / ".gitignore").read_text(encoding="utf-8").splitlines()}
     assert "secrets" in ignored
 
-    mount = next(v for v in facegate["volumes"] if v["target"] == compose_env("facegate")["FACEGATE_TENANTS_FILE"])
+    mount = next(
+        v
+        for v in facegate["volumes"]
+        if isinstance(v, dict) and v["target"] == compose_env("facegate")["FACEGATE_TENANTS_FILE"]
+    )
     assert mount["read_only"] is True
     assert mount["type"] == "bind"
     # A missing file must stop compose, not turn into a directory Docker creates.
