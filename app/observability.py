@@ -97,7 +97,11 @@ class Metrics:
 # --- logging ---------------------------------------------------------------------------
 
 #: Record attributes that are not ours to print (uvicorn adds a colourised copy of its message).
-_RESERVED: Final = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
+_RESERVED: Final = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

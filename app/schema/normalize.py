@@ -286,9 +286,7 @@ class _Columns:
         self.numbers = [(field, _seq(data.get(key)), is_int) for field, key, is_int in _LIST_NUMBERS]
         qualities = data.get("qualities")
         self.qualities = (
-            [(field, _seq(qualities.get(key))) for field, key in _LIST_QUALITIES]
-            if isinstance(qualities, dict)
-            else []
+            [(field, _seq(qualities.get(key))) for field, key in _LIST_QUALITIES] if isinstance(qualities, dict) else []
         )
         self.poses = _seq(data.get("pose_list"))
         self.pupils = _seq(data.get("pupils")) if with_landmarks else None

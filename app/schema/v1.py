@@ -96,9 +96,7 @@ class HeadPose(BaseModel):
 class Eyes(BaseModel):
     """Eye attributes. null as a whole when the upstream gave none of them."""
 
-    glasses: Attribute | None = Field(
-        description=_coded("Glasses worn.", tencent="eye.glass", list_="glasses")
-    )
+    glasses: Attribute | None = Field(description=_coded("Glasses worn.", tencent="eye.glass", list_="glasses"))
     open: Attribute | None = Field(
         description=_tencent("Whether the eyes are open (ailabapi's code 1 means closed).", "eye.eye_open")
     )
@@ -189,9 +187,7 @@ class Face(BaseModel):
 
     box: Box = Field(description="Where the face is.")
     detection_confidence: float | None = Field(
-        description=(
-            "Face detection probability 0..1 (list shape `face_probability_list`); null in the Tencent shape."
-        )
+        description=("Face detection probability 0..1 (list shape `face_probability_list`); null in the Tencent shape.")
     )
     age: int | None = Field(
         description="Estimated age, years. Tencent shape 0..65 (65 means 65 or older); list shape 0..100."

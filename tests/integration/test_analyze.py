@@ -91,7 +91,9 @@ def test_compat_route_answers_ailabapi_json_unchanged(gateway: Gateway, sim: Sim
     first = httpx.post(url, headers={contract.KEY_HEADER: gateway.key()}, files=files, timeout=30)
     assert first.status_code == 200
     assert first.headers["cache-status"] == "facegate; fwd=uri-miss; stored"
-    direct = httpx.post(sim.url + contract.ANALYZE_PATH, headers={contract.KEY_HEADER: SIM_KEY}, files=files, timeout=30)
+    direct = httpx.post(
+        sim.url + contract.ANALYZE_PATH, headers={contract.KEY_HEADER: SIM_KEY}, files=files, timeout=30
+    )
     gateway_body, direct_body = first.json(), direct.json()
     for volatile in ("request_id", "log_id"):
         gateway_body.pop(volatile)
@@ -105,14 +107,22 @@ def test_compat_route_answers_ailabapi_json_unchanged(gateway: Gateway, sim: Sim
 
 def test_compat_route_errors_use_ailabapi_envelope(gateway: Gateway, sim: Sim) -> None:
     url = gateway.url + contract.ANALYZE_PATH
-    bad_key = httpx.post(url, headers={contract.KEY_HEADER: "nope"}, files={"image": ("a.jpg", unique_image(), "image/jpeg")})
+    bad_key = httpx.post(
+        url, headers={contract.KEY_HEADER: "nope"}, files={"image": ("a.jpg", unique_image(), "image/jpeg")}
+    )
     assert bad_key.status_code == 401
     assert bad_key.json()["error_detail"]["code"] == "ERROR_USER_NOT_EXISTS"
     assert bad_key.headers["x-facegate-error"] == "unauthorized"
-    no_face = httpx.post(url, headers={contract.KEY_HEADER: gateway.key()}, files={"image": ("a.jpg", unique_image(sim="faces=0"), "image/jpeg")})
+    no_face = httpx.post(
+        url,
+        headers={contract.KEY_HEADER: gateway.key()},
+        files={"image": ("a.jpg", unique_image(sim="faces=0"), "image/jpeg")},
+    )
     assert no_face.status_code == 422
     assert no_face.json()["error_detail"]["code"] == "ERROR_NO_FACE_IN_FILE"
-    gif = httpx.post(url, headers={contract.KEY_HEADER: gateway.key()}, files={"image": ("a.gif", unique_image("gif"), "image/gif")})
+    gif = httpx.post(
+        url, headers={contract.KEY_HEADER: gateway.key()}, files={"image": ("a.gif", unique_image("gif"), "image/gif")}
+    )
     assert gif.status_code == 415
     assert gif.json()["error_code_str"] == "UNSUPPORTED_FILE_TYPES"
     assert sim.calls == 1  # only the no-face image reached the upstream
@@ -131,7 +141,9 @@ def test_openapi_documents_both_routes_with_examples(gateway: Gateway) -> None:
     assert "multipart/form-data" in analyze["requestBody"]["content"]
     assert "422" in analyze["responses"] and "429" in analyze["responses"]
     assert contract.ANALYZE_PATH in spec["paths"]
-    assert spec["components"]["schemas"]["AnalysisV1"].get("examples") or spec["components"]["schemas"]["AnalysisV1"].get("example")
+    assert spec["components"]["schemas"]["AnalysisV1"].get("examples") or spec["components"]["schemas"][
+        "AnalysisV1"
+    ].get("example")
     assert httpx.get(gateway.url + "/docs").status_code == 200
 
 

@@ -53,7 +53,9 @@ class Case:
     send: Callable[[Gateway], httpx.Response]
 
 
-def multipart(image: bytes, *, field: str = "image", filename: str = "x.jpg", ctype: str = "image/jpeg") -> Callable[[Gateway], httpx.Response]:
+def multipart(
+    image: bytes, *, field: str = "image", filename: str = "x.jpg", ctype: str = "image/jpeg"
+) -> Callable[[Gateway], httpx.Response]:
     return lambda gw: gw.analyze_files({field: (filename, image, ctype)})
 
 
@@ -100,12 +102,19 @@ CASES = [
     Case("png with a broken crc", 422, "invalid_image", multipart(broken_crc_png(), ctype="image/png")),
     Case("truncated bmp", 422, "invalid_image", multipart(unique_image("bmp")[:5000], ctype="image/bmp")),
     Case("text named .jpg", 415, "unsupported_media_type", multipart(b"hello, I am not a picture\n" * 20)),
-    Case("html with image/png type", 415, "unsupported_media_type", multipart(b"<!doctype html><html></html>", ctype="image/png")),
+    Case(
+        "html with image/png type",
+        415,
+        "unsupported_media_type",
+        multipart(b"<!doctype html><html></html>", ctype="image/png"),
+    ),
     Case("lying raw content-type", 415, "unsupported_media_type", raw(b"%PDF-1.7\n" + b"x" * 500, "image/jpeg")),
     Case("gif", 415, "unsupported_media_type", multipart(unique_image("gif"), ctype="image/gif")),
     Case("webp", 415, "unsupported_media_type", multipart(unique_image("webp"), ctype="image/webp")),
     Case("grayscale jpeg", 415, "unsupported_media_type", multipart(gray_jpeg())),
-    Case("60000x60000 png header", 422, "image_dimensions", multipart(png_header_only(60000, 60000), ctype="image/png")),
+    Case(
+        "60000x60000 png header", 422, "image_dimensions", multipart(png_header_only(60000, 60000), ctype="image/png")
+    ),
     Case("1x1 png", 422, "image_dimensions", multipart(encode(pixels(1, 1), "png"), ctype="image/png")),
     Case("32x32 jpeg", 422, "image_dimensions", multipart(encode(pixels(32, 32), "jpeg"))),
     Case("4096 wide png", 422, "image_dimensions", multipart(encode(pixels(4096, 40), "png"), ctype="image/png")),
@@ -127,7 +136,9 @@ CASES = [
     Case("wrong key", 401, "unauthorized", with_headers({"Authorization": "Bearer fg_not-a-real-key"})),
     Case("no key", 401, "unauthorized", with_headers({})),
     Case("malformed authorization", 401, "unauthorized", with_headers({"Authorization": "Basic dXNlcjpwYXNz"})),
-    Case("unicode in the key header", 401, "unauthorized", with_headers({"X-API-Key": "fg_\u00e9\u00e8\u00ff".encode()})),
+    Case(
+        "unicode in the key header", 401, "unauthorized", with_headers({"X-API-Key": "fg_\u00e9\u00e8\u00ff".encode()})
+    ),
     Case("key in the query string", 400, "credentials_in_query", with_headers({}, params={"api_key": "fg_whatever"})),
 ]
 

@@ -87,11 +87,13 @@ def test_metrics_after_a_scripted_sequence(gateway_factory: Any, sim: Sim) -> No
 def test_one_json_log_line_per_request_without_secrets(gateway_factory: Any, sim: Sim) -> None:
     gw: Gateway = gateway_factory()
     image = unique_image()
-    ids = []
+    ids: list[str] = []
     for _ in range(2):
         r = gw.analyze(image, headers={"X-Request-ID": f"req-{len(ids)}"})
         ids.append(r.headers["x-request-id"])
-    r = httpx.post(gw.url + "/v1/faces/analyze", headers={"Authorization": "Bearer wrong-key-123"}, files={"image": ("a", image)})
+    r = httpx.post(
+        gw.url + "/v1/faces/analyze", headers={"Authorization": "Bearer wrong-key-123"}, files={"image": ("a", image)}
+    )
     ids.append(r.headers["x-request-id"])
     lines = [json.loads(line) for line in gw.logs().splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "facegate.access" and line["route"] != "/healthz"]

@@ -15,9 +15,19 @@ FAULTS: list[tuple[str, dict[str, Any], int, str]] = [
     ("out of credits", {"mode": "no_credits"}, 503, "upstream_credits"),
     ("500 processing failure", {"mode": "status", "status": 500, "code": "PROCESSING_FAILURE"}, 502, "upstream_error"),
     ("502 ai service error", {"mode": "status", "status": 502, "code": "AI_SERVICE_ERROR"}, 502, "upstream_error"),
-    ("503 flow restriction", {"mode": "status", "status": 503, "code": "AI_SERVICE_FLOW_RESTRICTION"}, 503, "upstream_unavailable"),
+    (
+        "503 flow restriction",
+        {"mode": "status", "status": 503, "code": "AI_SERVICE_FLOW_RESTRICTION"},
+        503,
+        "upstream_unavailable",
+    ),
     ("504 ai timeout", {"mode": "status", "status": 504, "code": "AI_SERVICE_TIMEOUT"}, 504, "upstream_timeout"),
-    ("429 with retry-after", {"mode": "status", "status": 429, "code": "EXCEEDING_LIMITS", "retry_after": 7}, 503, "upstream_unavailable"),
+    (
+        "429 with retry-after",
+        {"mode": "status", "status": 429, "code": "EXCEEDING_LIMITS", "retry_after": 7},
+        503,
+        "upstream_unavailable",
+    ),
     ("400 parameter error", {"mode": "status", "status": 400, "code": "ERROR_PARAMETERS"}, 502, "upstream_error"),
     ("malformed json", {"mode": "malformed"}, 502, "upstream_error"),
     ("json missing its fields", {"mode": "missing_field"}, 502, "upstream_error"),
@@ -37,7 +47,9 @@ def strict_gateway(gateway_factory: Any) -> Gateway:
 
 
 @pytest.mark.parametrize(("name", "fault", "status", "code"), FAULTS, ids=[f[0] for f in FAULTS])
-def test_upstream_fault_maps_to_problem(strict_gateway: Gateway, sim: Sim, name: str, fault: dict[str, Any], status: int, code: str) -> None:
+def test_upstream_fault_maps_to_problem(
+    strict_gateway: Gateway, sim: Sim, name: str, fault: dict[str, Any], status: int, code: str
+) -> None:
     sim.faults({**fault, "count": 1})
     started = time.monotonic()
     response = strict_gateway.analyze(unique_image())
@@ -80,8 +92,14 @@ def test_upstream_key_is_never_sent_to_a_redirect_target(strict_gateway: Gateway
 
 
 def test_unreachable_upstream_is_503(gateway_factory: Any) -> None:
-    gw: Gateway = gateway_factory(sim=None, env={"FACEGATE_UPSTREAM_URL": "http://127.0.0.1:9", "FACEGATE_UPSTREAM_API_KEY": "k",
-                                                 "FACEGATE_UPSTREAM_RETRIES": "0"})
+    gw: Gateway = gateway_factory(
+        sim=None,
+        env={
+            "FACEGATE_UPSTREAM_URL": "http://127.0.0.1:9",
+            "FACEGATE_UPSTREAM_API_KEY": "k",
+            "FACEGATE_UPSTREAM_RETRIES": "0",
+        },
+    )
     response = gw.analyze(unique_image())
     assert response.status_code == 503
     assert response.json()["code"] == "upstream_unavailable"

@@ -245,9 +245,7 @@ def test_a_face_with_only_a_box_has_every_key_and_null_attributes() -> None:
     assert all(face[key] is None for key in FACE_KEYS if key != "box")
 
 
-@pytest.mark.parametrize(
-    "bad", [None, True, False, "1", [1], {"type": 1}, 1.5, float("nan"), 2**64], ids=repr
-)
+@pytest.mark.parametrize("bad", [None, True, False, "1", [1], {"type": 1}, 1.5, float("nan"), 2**64], ids=repr)
 def test_a_malformed_code_nulls_that_attribute_only(bad: Any) -> None:
     [face] = faces(tencent(tencent_face(emotion=item(bad), skin=item(3, 0.6))))
     assert face["emotion"] is None
@@ -294,9 +292,7 @@ def test_integral_floats_are_accepted_and_other_floats_rounded_or_refused() -> N
 
 
 def test_out_of_range_values_are_kept() -> None:
-    raw = tencent(
-        tencent_face(age=130, beauty=-3, gender=item(0, 1.7), head_pose={"pitch": 95, "yaw": 0, "roll": 0})
-    )
+    raw = tencent(tencent_face(age=130, beauty=-3, gender=item(0, 1.7), head_pose={"pitch": 95, "yaw": 0, "roll": 0}))
     [face] = faces(raw)
     assert (face["age"], face["beauty"]) == (130, -3)
     assert face["gender"]["confidence"] == 1.7
@@ -390,9 +386,7 @@ def test_attribute_lists_shorter_than_faces_give_nulls() -> None:
 
 
 def test_list_attributes_of_the_wrong_type_give_nulls() -> None:
-    out = faces(
-        three_faces(gender_list="male", qualities=[1, 2], pose_list={"yaw": 1}, age_list=[True, "3", 4.0])
-    )
+    out = faces(three_faces(gender_list="male", qualities=[1, 2], pose_list={"yaw": 1}, age_list=[True, "3", 4.0]))
     assert all(f["gender"] is None and f["quality"] is None and f["head_pose"] is None for f in out)
     assert [f["age"] for f in out] == [None, None, 4]
 
@@ -521,9 +515,7 @@ def _near_miss() -> st.SearchStrategy[Any]:
         | st.fixed_dictionaries(dict.fromkeys(corners, json_scalars))
         | json_values
     )
-    attrs = st.dictionaries(
-        st.sampled_from(TENCENT_KEYS), json_values | st.builds(item, json_scalars, json_scalars)
-    )
+    attrs = st.dictionaries(st.sampled_from(TENCENT_KEYS), json_values | st.builds(item, json_scalars, json_scalars))
     face = st.fixed_dictionaries({"face_rect": face_rect, "face_detail_attributes_info": attrs})
     tencent_raw = st.builds(lambda fs: tencent(*fs), st.lists(face | json_values, max_size=3))
     column = st.lists(st.integers(-1, 5000) | json_scalars, max_size=14) | json_values
@@ -573,8 +565,7 @@ def _tencent_attrs() -> st.SearchStrategy[dict[str, Any]]:
         key: coded for key in ("gender", "emotion", "mask", "moustache", "nose", "shape", "skin")
     }
     optional |= {
-        group: st.fixed_dictionaries({}, optional=dict.fromkeys(keys, coded))
-        for group, keys in nested.items()
+        group: st.fixed_dictionaries({}, optional=dict.fromkeys(keys, coded)) for group, keys in nested.items()
     }
     optional |= {key: st.integers(0, 100) for key in ("age", "beauty", "smile")}
     optional["head_pose"] = st.fixed_dictionaries(dict.fromkeys(("pitch", "yaw", "roll"), angles))
@@ -583,9 +574,7 @@ def _tencent_attrs() -> st.SearchStrategy[dict[str, Any]]:
 
 @st.composite
 def tencent_answers(draw: st.DrawFn) -> dict[str, Any]:
-    rects = st.tuples(
-        st.integers(-50, 4000), st.integers(-50, 4000), st.integers(0, 4000), st.integers(0, 4000)
-    )
+    rects = st.tuples(st.integers(-50, 4000), st.integers(-50, 4000), st.integers(0, 4000), st.integers(0, 4000))
     n = draw(st.integers(0, 5))
     return tencent(*(tencent_face(draw(rects), **draw(_tencent_attrs())) for _ in range(n)))
 
@@ -600,9 +589,7 @@ def list_answers(draw: st.DrawFn) -> dict[str, Any]:
 
     data: dict[str, Any] = {
         "face_count": n,
-        "face_rectangles": [
-            v for _ in range(n) for v in draw(st.lists(st.integers(0, 4000), min_size=4, max_size=4))
-        ],
+        "face_rectangles": [v for _ in range(n) for v in draw(st.lists(st.integers(0, 4000), min_size=4, max_size=4))],
         "face_probability_list": column(probabilities),
         "age_list": column(st.integers(0, 100)),
         "beauty_list": column(st.integers(0, 100)),
@@ -615,9 +602,7 @@ def list_answers(draw: st.DrawFn) -> dict[str, Any]:
         "pupils": column(st.floats(0, 4000), 6),
         "landmark_count": 105,
         "landmarks": draw(st.just([]) | st.just([1.5] * (210 * n))),
-        "qualities": {
-            f"{k}_list": column(st.floats(0, 100)) for k in ("score", "blur", "fnf", "illu", "glass")
-        },
+        "qualities": {f"{k}_list": column(st.floats(0, 100)) for k in ("score", "blur", "fnf", "illu", "glass")},
     }
     return list_answer(**data)
 

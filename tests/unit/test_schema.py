@@ -42,9 +42,7 @@ def test_regeneration_command_prints_the_schema() -> None:
 def test_no_breaking_change_since_first_publication() -> None:
     published = json.loads(PUBLISHED.read_text())
     problems = breaking_changes(published, v1.json_schema())
-    assert problems == [], "schema v1 changed incompatibly (make it additive, or publish /v2):\n" + "\n".join(
-        problems
-    )
+    assert problems == [], "schema v1 changed incompatibly (make it additive, or publish /v2):\n" + "\n".join(problems)
 
 
 def test_the_example_is_a_valid_analysis() -> None:
@@ -184,15 +182,13 @@ def test_type_changes_are_breaking(mutate: Callable[[dict[str, Any]], None], exp
 
 
 def test_nullability_change_is_breaking_both_ways() -> None:
-    assert changed(lambda s: s["properties"].update(count={"type": "integer"})) == [
-        "$.count: became non-nullable"
+    assert changed(lambda s: s["properties"].update(count={"type": "integer"})) == ["$.count: became non-nullable"]
+    assert changed(lambda s: s["properties"].update(name={"anyOf": [{"type": "string"}, {"type": "null"}]})) == [
+        "$.name: became nullable"
     ]
-    assert changed(
-        lambda s: s["properties"].update(name={"anyOf": [{"type": "string"}, {"type": "null"}]})
-    ) == ["$.name: became nullable"]
-    assert changed(
-        lambda s: s["properties"].update(item={"anyOf": [{"$ref": "#/$defs/Item"}, {"type": "null"}]})
-    ) == ["$.item: became nullable"]
+    assert changed(lambda s: s["properties"].update(item={"anyOf": [{"$ref": "#/$defs/Item"}, {"type": "null"}]})) == [
+        "$.item: became nullable"
+    ]
 
 
 def test_required_becoming_optional_is_breaking() -> None:
@@ -200,13 +196,9 @@ def test_required_becoming_optional_is_breaking() -> None:
 
 
 def test_enum_value_removed_or_enum_added_is_breaking() -> None:
-    assert changed(lambda s: s["properties"]["kind"].update(enum=["a"])) == [
-        "$.kind: enum values removed: ['b']"
-    ]
+    assert changed(lambda s: s["properties"]["kind"].update(enum=["a"])) == ["$.kind: enum values removed: ['b']"]
     assert changed(lambda s: s["properties"]["name"].update(enum=["x"])) == ["$.name: narrowed to enum ['x']"]
-    assert changed(lambda s: s["properties"].update(kind={"const": "a"})) == [
-        "$.kind: enum values removed: ['b']"
-    ]
+    assert changed(lambda s: s["properties"].update(kind={"const": "a"})) == ["$.kind: enum values removed: ['b']"]
 
 
 def test_array_item_changes_are_found() -> None:

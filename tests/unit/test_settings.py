@@ -21,34 +21,40 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full = {k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")}
     full.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "app", *args], env=full, cwd=cwd or ROOT, capture_output=True, text=True,
-        input=stdin, timeout=60, check=False,
+        [sys.executable, "-m", "app", *args],
+        env=full,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+        check=False,
     )
 
 
 def test_defaults_are_the_sandbox() -> None:
-    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    s = Settings(_env_file=None)
     assert s.sandbox and s.redis_url == "" and s.cache_scope == "tenant"
 
 
 def test_key_file_variant(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("  the-key\n")
-    s = Settings(upstream_api_key_file=key_file, _env_file=None)  # type: ignore[call-arg]
+    s = Settings(upstream_api_key_file=key_file, _env_file=None)
     assert s.upstream_api_key is not None and s.upstream_api_key.get_secret_value() == "the-key"
     assert not s.sandbox
 
 
 def test_bad_values_are_named_by_variable_without_echoing_them() -> None:
     with pytest.raises(ValidationError) as info:
-        Settings(redis_url="http://secret-host", cache_scope="everyone", _env_file=None)  # type: ignore[call-arg]
+        Settings(redis_url="http://secret-host", cache_scope="everyone", _env_file=None)
     line = describe_error(info.value)
     assert "FACEGATE_REDIS_URL" in line and "FACEGATE_CACHE_SCOPE" in line
     assert "secret-host" not in line and "\n" not in line
 
 
 def test_masked_hides_secrets() -> None:
-    s = Settings(upstream_api_key="k-123", redis_url="redis://user:pw@redis:6379/0", _env_file=None)  # type: ignore[call-arg]
+    s = Settings(upstream_api_key="k-123", redis_url="redis://user:pw@redis:6379/0", _env_file=None)
     shown = str(s.masked())
     assert "k-123" not in shown and "pw" not in shown and "redis:6379/0" in shown
 
