@@ -436,7 +436,9 @@ class AnalyzeService:
                 raise UpstreamFailure(
                     Problem("upstream_error", "ailabapi answered in a shape facegate does not know"),
                     retryable=False,
-                    billed=False,
+                    # ailabapi reported success, so it billed the call: the credit is spent (and
+                    # counted against the tenant) even though the answer is unusable to us.
+                    billed=answer.billed,
                     reason="bad_shape",
                 ) from None
         return Entry(

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from app.context import RequestContext
 from app.errors import Problem
 from app.images import Upload, receive
-from app.service import AnalyzeOptions
+from app.service import AnalyzeOptions, Entry
 from app.tenants import Tenant
 from app.upstream import contract
 
@@ -80,6 +80,26 @@ async def receive_upload(request: Request) -> Upload:
             request.headers.get("content-length"),
             rt.intake,
         )
+
+
+async def analyze_request(request: Request, tenant: Tenant) -> Entry:
+    """The body of both analyze routes: receive the upload, run the use case, release the upload.
+
+    A refused upload still counts against the tenant's rate limit (and over it, the 429
+    wins), so that a client cannot hammer the gateway for free with bad bodies.
+    """
+    ctx = context(request)
+    service = runtime(request).service
+    try:
+        upload = await receive_upload(request)
+    except Problem:
+        await service.count_request(ctx, tenant)
+        raise
+    try:
+        return await service.analyze(ctx, tenant, upload, cache_options(request))
+    finally:
+        if not upload.handed_off:
+            upload.close()
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from app.api.common import authenticate, cache_options, context, receive_upload, runtime
+from app.api.common import analyze_request, authenticate
 from app.api.v1 import UPLOAD_BODY
 from app.tenants import Tenant
 from app.upstream import contract
@@ -50,11 +50,5 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
 async def face_analyzer_advanced(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> Response:
     """Same request as ailabapi (multipart field `image`, tenant key in `ailabapi-api-key`); the
     answer is ailabapi's JSON, from the cache or live, including its error envelopes."""
-    ctx = context(request)
-    upload = await receive_upload(request)
-    try:
-        entry = await runtime(request).service.analyze(ctx, tenant, upload, cache_options(request))
-    finally:
-        if not upload.handed_off:
-            upload.close()
+    entry = await analyze_request(request, tenant)
     return Response(entry.body, status_code=entry.status, media_type="application/json")

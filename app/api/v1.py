@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 
-from app.api.common import authenticate, cache_options, context, json_response, receive_upload, runtime
+from app.api.common import analyze_request, authenticate, context, json_response, runtime
 from app.context import CacheStatus, RequestContext
 from app.errors import Problem
 from app.quota import Usage
@@ -103,18 +103,8 @@ async def analyze(
 ) -> Response:
     """Answers from the cache when this image was analyzed before (free), otherwise calls ailabapi
     (one billable call counted against the tenant's quota). Identical concurrent uploads share one call."""
-    ctx = context(request)
-    try:
-        upload = await receive_upload(request)
-    except Problem:
-        await runtime(request).service.count_request(ctx, tenant)
-        raise
-    try:
-        entry = await runtime(request).service.analyze(ctx, tenant, upload, cache_options(request))
-    finally:
-        if not upload.handed_off:
-            upload.close()
-    return json_response(render(ctx, entry, landmarks=landmarks))
+    entry = await analyze_request(request, tenant)
+    return json_response(render(context(request), entry, landmarks=landmarks))
 
 
 @router.get(
