@@ -30,7 +30,6 @@ by image hash, so a retry never buys the same image twice.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import mimetypes
 import os
 import random
@@ -38,7 +37,6 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -47,6 +45,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app import __version__
+from app.httputil import parse_retry_after
 from app.schema.v1 import AnalysisV1
 
 __all__ = [
@@ -228,22 +227,6 @@ def error_from_response(response: httpx.Response, *, attempts: int = 1) -> Faceg
         retry_after=parse_retry_after(response.headers.get("retry-after")),
         attempts=attempts,
     )
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 # --- results -----------------------------------------------------------------------------

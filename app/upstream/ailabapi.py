@@ -10,15 +10,14 @@ here keeps each concern testable on its own.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import IO, Any, Final, Protocol
 
 import httpx
 import orjson
 
 from app.errors import Problem
+from app.httputil import parse_retry_after
 from app.upstream import contract
 from app.upstream.contract import Kind, UpstreamCode
 
@@ -92,22 +91,6 @@ class Upstream(Protocol):
     """One attempt at analyzing an image, bounded by ``timeout_s``."""
 
     async def analyze(self, image: ImagePayload, *, timeout_s: float) -> UpstreamAnswer: ...
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), None if absent or bad."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class AilabapiClient:

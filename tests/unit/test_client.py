@@ -44,7 +44,7 @@ def test_client_imports_without_server_dependencies() -> None:
     heavy = [m for m in modules if m.split(".")[0] in SERVER_SIDE]
     assert heavy == []
     ours = {m for m in modules if m == "app" or m.startswith("app.")}
-    assert ours == {"app", "app.client", "app.schema", "app.schema.v1", "app.schema.labels"}
+    assert ours == {"app", "app.client", "app.httputil", "app.schema", "app.schema.v1", "app.schema.labels"}
 
 
 def _problem_response(code: str, *, retry_after: float | None = None, request_id: str = "rid-1") -> httpx.Response:
