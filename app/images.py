@@ -156,11 +156,13 @@ class SpooledBody:
 
 @dataclass(slots=True)
 class Upload:
-    """An accepted image: exact bytes, their SHA-256 and what the header says."""
+    """A received image: its exact bytes and their SHA-256; judged (``inspect``) when needed."""
 
     body: SpooledBody
     sha256: str
-    facts: ImageFacts
+    max_pixels: int
+    #: Set by :meth:`inspect`; None until the bytes were judged.
+    facts: ImageFacts | None = None
     #: Set when a detached upstream call took ownership: it closes the upload, not the route.
     handed_off: bool = False
 
@@ -168,14 +170,40 @@ class Upload:
     def size(self) -> int:
         return self.body.size
 
+    async def inspect(self) -> ImageFacts:
+        """Judge the bytes: format, structure and dimensions, without decoding pixels.
+
+        Only bytes that go to the upstream need it. A cache hit does not: the cache is keyed
+        by the SHA-256 of these exact bytes, and only bytes that passed were ever sent (and
+        so cached) — skipping the walk over the file is a tenth of a hit's cost.
+        """
+        if self.facts is None:
+            try:
+                # A spooled body is mapped, read and unmapped within the worker thread: a mapping
+                # held while waiting for the event loop would count its pages in RSS meanwhile.
+                self.facts = await asyncio.to_thread(self._inspect) if self.body.spooled else self._inspect()
+            except ImageError as exc:
+                raise Problem(exc.code, exc.detail) from None
+        return self.facts
+
+    def _inspect(self) -> ImageFacts:
+        with self.body.view() as view:
+            return inspect(view, max_pixels=self.max_pixels)
+
+    @property
+    def _format(self) -> str:
+        if self.facts is None:
+            raise RuntimeError("inspect() the upload before sending it")
+        return self.facts.format
+
     @property
     def filename(self) -> str:
         """A name chosen by facegate: the client's filename is never forwarded."""
-        return f"image.{'jpg' if self.facts.format == 'jpeg' else self.facts.format}"
+        return f"image.{'jpg' if self._format == 'jpeg' else self._format}"
 
     @property
     def mime(self) -> str:
-        return _MIME[self.facts.format]
+        return _MIME[self._format]
 
     def close(self) -> None:
         self.body.close()
@@ -195,20 +223,10 @@ class _ImageSink:
         self.body.write(chunk)
         self.digest.update(chunk)
 
-    def _inspect(self) -> ImageFacts:
-        with self.body.view() as view:
-            return inspect(view, max_pixels=self.limits.max_pixels)
-
-    async def finish(self) -> Upload:
+    def finish(self) -> Upload:
         if self.body.size == 0:
             raise Problem("image_missing", "the image is empty (0 bytes)")
-        try:
-            # A spooled body is mapped, read and unmapped within the worker thread: a mapping
-            # held while waiting for the event loop would count its pages in RSS meanwhile.
-            facts = await asyncio.to_thread(self._inspect) if self.body.spooled else self._inspect()
-        except ImageError as exc:
-            raise Problem(exc.code, exc.detail) from None
-        return Upload(self.body, self.digest.hexdigest(), facts)
+        return Upload(self.body, self.digest.hexdigest(), self.limits.max_pixels)
 
 
 class _MultipartImage:
@@ -311,6 +329,8 @@ async def receive(
 ) -> Upload:
     """Read one upload from a body stream. Every refusal is a :class:`Problem` and costs nothing.
 
+    The bytes are capped, hashed and kept here; they are judged as an image by
+    :meth:`Upload.inspect` (the use case does it before anything is sent upstream).
     The caller owns the returned :class:`Upload` and must ``close()`` it (it may hold a
     temporary file).
     """
@@ -342,7 +362,7 @@ async def receive(
                     sink.write(chunk)
         if form is not None:
             form.finish()
-        return await sink.finish()
+        return sink.finish()
     except TimeoutError:
         sink.body.close()
         raise Problem("request_timeout", f"the upload took longer than {limits.body_timeout_s:g} s") from None

@@ -113,7 +113,11 @@ async def _backends(
     def health() -> redisconn.RedisHealth:
         # One cool-down per component: a cache lookup that timed out under load must not switch
         # off the quotas (which fail closed) or the collapsing (which then pays for duplicates).
-        return redisconn.RedisHealth(lambda component: metrics.redis_errors.labels(component).inc())
+        return redisconn.RedisHealth(
+            lambda component: metrics.redis_errors.labels(component).inc(),
+            timeout_s=settings.redis_timeout_s,
+            failures=3,
+        )
 
     prefix = settings.redis_prefix
     coordinator = RedisCoordinator(client, health(), prefix, settings.singleflight_lock_ttl_s)
@@ -333,13 +337,12 @@ class EdgeMiddleware:
 
     def _account(self, scope: Scope, ctx: RequestContext, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        tenant = ctx.tenant or "-"
-        self.metrics.requests.labels(route, scope["method"], str(status), tenant).inc()
-        self.metrics.request_seconds.labels(route).observe(seconds)
-        if ctx.cache is not None:
-            self.metrics.cache.labels(ctx.cache.label).inc()
-        if ctx.outcome in ("rate_limited", "quota_exceeded"):
-            self.metrics.rejections.labels(ctx.outcome, tenant).inc()
+        cache = ctx.cache.label if ctx.cache else None
+        self.metrics.request_done(
+            route, scope["method"], status, ctx.tenant or "-", seconds=seconds, cache=cache, outcome=ctx.outcome
+        )
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         access_log.info(
             "%s %s %d",
             scope["method"],
@@ -352,7 +355,7 @@ class EdgeMiddleware:
                 "method": scope["method"],
                 "status": status,
                 "code": ctx.outcome,
-                "cache": ctx.cache.label if ctx.cache else None,
+                "cache": cache,
                 "upstream_ms": round(ctx.upstream_s * 1000, 1) if ctx.upstream_s is not None else None,
                 "upstream_attempts": ctx.upstream_attempts or None,
                 "bytes": ctx.image_bytes,

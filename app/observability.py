@@ -10,13 +10,13 @@ only fields facegate chose to put there: no request bodies, no headers, no keys.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from typing import Any, Final
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -73,9 +73,36 @@ class Metrics:
         self.redis_errors = Counter(
             "facegate_redis_errors", "Redis operations that failed, by component.", ["component"], registry=r
         )
+        self._children: dict[tuple[str, str, int, str], tuple[Counter, Histogram]] = {}
         self.tenant_reloads = Counter(
             "facegate_tenants_reloads", "Tenants file reloads, by result.", ["result"], registry=r
         )
+
+    def request_done(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        tenant: str,
+        *,
+        seconds: float,
+        cache: str | None,
+        outcome: str | None,
+    ) -> None:
+        """Count one answered request. Label children are kept: ``labels()`` costs a lock and a
+        validation each time, and this runs on every request (values are bounded, see above)."""
+        children = self._children.get((route, method, status, tenant))
+        if children is None:
+            children = self._children[(route, method, status, tenant)] = (
+                self.requests.labels(route, method, str(status), tenant),
+                self.request_seconds.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+        if cache is not None:
+            self.cache.labels(cache).inc()
+        if outcome in ("rate_limited", "quota_exceeded"):
+            self.rejections.labels(outcome, tenant).inc()
 
     def exposition(self) -> bytes:
         """The text format for /metrics; with several workers, the sum over all of them.
@@ -119,7 +146,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             out["error"] = record.exc_info[0].__name__
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return orjson.dumps(out, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
@@ -150,6 +177,12 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Nothing facegate prints needs the caller's file/line, thread or process: skipping the
+    # frame walk and lookups that logging does for every record keeps the access log cheap.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = []

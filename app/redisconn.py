@@ -33,13 +33,21 @@ class RedisDown(Exception):
 
 
 def connect(settings: Settings) -> aioredis.Redis:
-    """One pool for the process, with per-operation timeouts short enough to fail open fast."""
+    """One pool for the process. Per-operation timeouts are applied by :meth:`RedisHealth.run`.
+
+    Not by redis-py's ``socket_timeout``: that one wraps socket writes in ``asyncio.wait_for``,
+    which on Python 3.11 can swallow a cancellation that arrives as the write completes
+    (CPython gh-86296) — a cancelled request would then hang on. ``asyncio.timeout`` around
+    the whole operation has no such gap.
+    """
     return aioredis.Redis.from_url(
         settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
+        socket_timeout=None,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=30,
-        max_connections=256,
+        # Operations beyond this fail (and count as Redis errors): well above what
+        # FACEGATE_MAX_UPLOADS_IN_FLIGHT requests can use at once.
+        max_connections=1024,
         retry_on_timeout=False,
         decode_responses=False,
         # No CLIENT SETINFO: it halves what opening a connection costs (see ``warm``).
@@ -57,20 +65,38 @@ async def warm(client: aioredis.Redis, connections: int) -> bool:
     """
 
     async def ping() -> None:
-        await client.ping()
+        async with asyncio.timeout(2.0):
+            await client.ping()
 
     results = await asyncio.gather(*(ping() for _ in range(connections)), return_exceptions=True)
     return not any(isinstance(r, BaseException) for r in results)
 
 
 class RedisHealth:
+    """Failure accounting for one component (cache, quota, single-flight, guard).
+
+    ``timeout_s`` bounds each operation; ``failures`` consecutive failures start the
+    cool-down. More than one, because under a CPU burst a single operation can outlast a
+    short timeout while Redis is fine: one slow lookup must not switch Redis off for a
+    second (for quotas that would mean refusing billable calls). A refused connection
+    fails at once, so a dead Redis still reaches the threshold in microseconds.
+    """
+
     def __init__(
-        self, on_error: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        on_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        timeout_s: float | None = None,
+        failures: int = 1,
     ) -> None:
         self._down_until = 0.0
         self._last_log: dict[str, float] = {}
         self._on_error = on_error
         self._clock = clock
+        self._timeout_s = timeout_s
+        self._threshold = failures
+        self._consecutive = 0
 
     @property
     def available(self) -> bool:
@@ -81,16 +107,21 @@ class RedisHealth:
         if not self.available:
             raise RedisDown(component)
         try:
-            return await op()
+            async with asyncio.timeout(self._timeout_s):
+                result = await op()
         except NoScriptError:
             raise
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(component, exc)
             raise RedisDown(component) from None
+        self._consecutive = 0
+        return result
 
     def _failed(self, component: str, exc: BaseException) -> None:
         now = self._clock()
-        self._down_until = now + COOLDOWN_S
+        self._consecutive += 1
+        if self._consecutive >= self._threshold:
+            self._down_until = now + COOLDOWN_S
         if self._on_error is not None:
             self._on_error(component)
         if now - self._last_log.get(component, -LOG_EVERY_S) >= LOG_EVERY_S:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -22,76 +21,18 @@ import orjson
 from app import cache as cache_mod
 from app.cache import CacheBackend, CacheError
 from app.context import CacheStatus, RequestContext
+from app.entry import Entry, EntryMemo
 from app.errors import Problem
 from app.images import Upload
 from app.quota import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
-from app.schema.normalize import UpstreamFormatError, normalize_faces
+from app.schema.normalize import UpstreamFormatError
 from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewing
 from app.tenants import Tenant
-from app.upstream import contract
 from app.upstream.ailabapi import ImagePayload, UpstreamAnswer, UpstreamFailure
-from app.upstream.contract import Kind, UpstreamCode
+from app.upstream.contract import Kind
 from app.upstream.resilience import CallReport, ResilientUpstream
 
 log = logging.getLogger("facegate.service")
-
-ENTRY_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Entry:
-    """An upstream answer as cached: its exact bytes plus what is needed to render it later.
-
-    The bytes are kept verbatim so that the drop-in route answers exactly what ailabapi
-    sent; the v1 route parses them (once per entry object) and normalizes.
-    """
-
-    status: int
-    body: bytes
-    provider: Literal["ailabapi", "simulator"]
-    analyzed_at: str
-    image: dict[str, Any]
-
-    @cached_property
-    def raw(self) -> dict[str, Any]:
-        value = orjson.loads(self.body)
-        return value if isinstance(value, dict) else {}
-
-    @property
-    def verdict(self) -> UpstreamCode | None:
-        """None for a successful analysis, else the upstream's verdict on the image."""
-        code = contract.error_code_of(self.raw)
-        return contract.lookup(code, self.status) if code else None
-
-    @property
-    def upstream_request_id(self) -> str | None:
-        rid = self.raw.get("request_id")
-        return rid if isinstance(rid, str) and rid else None
-
-    def encode(self) -> bytes:
-        """One JSON line of metadata, a newline, then the upstream's bytes untouched."""
-        meta = {
-            "v": ENTRY_VERSION,
-            "status": self.status,
-            "provider": self.provider,
-            "analyzed_at": self.analyzed_at,
-            "image": self.image,
-        }
-        return orjson.dumps(meta) + b"\n" + self.body
-
-    @classmethod
-    def decode(cls, data: bytes) -> Entry | None:
-        """None for anything this version did not write (treated as a miss, never a crash)."""
-        head, sep, body = data.partition(b"\n")
-        try:
-            meta = orjson.loads(head)
-            if not sep or not isinstance(meta, dict) or meta.get("v") != ENTRY_VERSION:
-                return None
-            entry = cls(int(meta["status"]), body, meta["provider"], str(meta["analyzed_at"]), dict(meta["image"]))
-            _ = entry.raw
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
-        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +81,7 @@ class AnalyzeService:
         self.upstream = upstream
         self.coordinator = coordinator
         self.flights: Flights[_FlightResult] = Flights()
+        self._entries = EntryMemo()
         #: Every flight this process leads, for ``drain`` (which must be able to cancel them).
         self._leading: set[asyncio.Task[_FlightResult]] = set()
 
@@ -162,6 +104,11 @@ class AnalyzeService:
                 await self._admit(ctx, tenant, reserve=False, record="misses")
                 return await self._follow(ctx, running)
         fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
+        try:
+            await upload.inspect()  # only bytes about to cost money need judging (see Upload.inspect)
+        except Problem:
+            await self.count_request(ctx, tenant)
+            raise
         try:
             admission = await self._admit(ctx, tenant, reserve=True, record="misses")
         except Problem as refused:
@@ -284,7 +231,7 @@ class AnalyzeService:
             return None
         if found is None:
             return None
-        entry = Entry.decode(found[0])
+        entry = self._entries.decode(key, found[0])
         return (entry, found[1]) if entry is not None else None
 
     async def _cache_set(self, key: str, entry: Entry, data: bytes) -> bool:
@@ -429,9 +376,25 @@ class AnalyzeService:
 
     def _entry(self, answer: UpstreamAnswer, upload: Upload) -> Entry:
         """Check the answer is usable before it is cached or charged as a success."""
+        facts = upload.facts
+        assert facts is not None, "inspected before the call"
+        entry = Entry.fresh(
+            answer.body,
+            answer.content,
+            status=answer.status,
+            provider="simulator" if answer.simulated else "ailabapi",
+            analyzed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            image={
+                "sha256": upload.sha256,
+                "width": facts.width,
+                "height": facts.height,
+                "format": facts.format,
+                "bytes": upload.size,
+            },
+        )
         if answer.verdict is None or answer.verdict.kind is Kind.NO_FACE:
             try:
-                normalize_faces(answer.body)
+                entry.faces(landmarks=False)  # validates the shape, and the leader's render reuses it
             except UpstreamFormatError:
                 raise UpstreamFailure(
                     Problem("upstream_error", "ailabapi answered in a shape facegate does not know"),
@@ -441,19 +404,7 @@ class AnalyzeService:
                     billed=answer.billed,
                     reason="bad_shape",
                 ) from None
-        return Entry(
-            status=answer.status,
-            body=answer.content,
-            provider="simulator" if answer.simulated else "ailabapi",
-            analyzed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            image={
-                "sha256": upload.sha256,
-                "width": upload.facts.width,
-                "height": upload.facts.height,
-                "format": upload.facts.format,
-                "bytes": upload.size,
-            },
-        )
+        return entry
 
 
 def _encode_problem(problem: Problem) -> bytes:

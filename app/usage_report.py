@@ -85,7 +85,7 @@ async def print_usage(settings: Settings, tenant: str | None, *, as_json: bool) 
         print(f"facegate: unknown tenant {unknown[0]!r}", file=sys.stderr)
         raise SystemExit(2)
     client = redisconn.connect(settings)
-    limiter = RedisLimiter(client, redisconn.RedisHealth(), settings.redis_prefix)
+    limiter = RedisLimiter(client, redisconn.RedisHealth(timeout_s=5.0), settings.redis_prefix)
     try:
         reports = [await limiter.usage(registry.tenants[n]) for n in names]
     except QuotaUnavailable:

@@ -10,9 +10,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from app.context import RequestContext
+from app.entry import Entry
 from app.errors import Problem
 from app.images import Upload, receive
-from app.service import AnalyzeOptions, Entry
+from app.service import AnalyzeOptions
 from app.tenants import Tenant
 from app.upstream import contract
 

@@ -11,11 +11,11 @@ from fastapi.responses import Response
 
 from app.api.common import analyze_request, authenticate, context, json_response, runtime
 from app.context import CacheStatus, RequestContext
+from app.entry import Entry
 from app.errors import Problem
 from app.quota import Usage
 from app.schema.normalize import build_analysis
 from app.schema.v1 import AnalysisV1
-from app.service import Entry
 from app.tenants import Tenant
 from app.upstream.contract import Kind
 from app.usage_report import usage_dict
@@ -84,6 +84,7 @@ def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, A
         cached=cache.hit,
         analyzed_at=entry.analyzed_at,
         landmarks=landmarks,
+        normalized=entry.faces(landmarks=landmarks),
     )
 
 

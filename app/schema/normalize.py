@@ -438,14 +438,18 @@ def build_analysis(
     cached: bool,
     analyzed_at: str,
     landmarks: bool = False,
+    normalized: tuple[Shape | None, list[Face]] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready dict matching :class:`app.schema.v1.AnalysisV1` key for key.
+
+    ``normalized`` is ``normalize_faces(raw, landmarks=...)`` when the caller already has it
+    (the cache-hit path memoizes it per entry).
 
     ``image`` carries the :class:`~app.schema.v1.ImageInfo` fields; extra keys are
     dropped so that intake internals never leak into the answer. An empty
     ``upstream_request_id`` (ailabapi's examples show ``""``) is reported as null.
     """
-    shape, faces = normalize_faces(raw, landmarks=landmarks)
+    shape, faces = normalized if normalized is not None else normalize_faces(raw, landmarks=landmarks)
     return {
         "schema_version": SCHEMA_VERSION,
         "request_id": request_id,

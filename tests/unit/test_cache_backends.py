@@ -28,7 +28,7 @@ from tests.servers import free_port
 
 
 def connect(url: str) -> aioredis.Redis:
-    """The production pool settings (short per-operation timeouts), pointed at ``url``."""
+    """The production pool settings, pointed at ``url`` (timeouts come from RedisHealth)."""
     from app import redisconn
 
     return redisconn.connect(Settings(redis_url=url, redis_timeout_s=0.25))
@@ -312,7 +312,7 @@ async def test_stalled_redis_times_out_as_a_cache_error(own_redis: RedisServer) 
     import signal
 
     client = connect(own_redis.url)
-    cache = RedisCache(client, RedisHealth(), "u2")
+    cache = RedisCache(client, RedisHealth(timeout_s=0.25), "u2")  # the app's per-operation bound
     assert own_redis.proc is not None
     try:
         await cache.set("k", b"v", 60)
@@ -341,7 +341,8 @@ async def test_a_failing_cache_does_not_switch_off_the_other_redis_components(re
     assert isinstance(cache, TieredCache)
     assert isinstance(cache.shared, RedisCache)
     try:
-        cache.shared._health._failed("cache", TimeoutError())  # the cache is now cooling down
+        for _ in range(3):  # the app's threshold: three failures in a row start the cool-down
+            cache.shared._health._failed("cache", TimeoutError())
         with pytest.raises(CacheError):
             await cache.get("k")
         assert metrics.cache_errors._value.get() == 1

@@ -28,9 +28,9 @@ from app.client import (
     UpstreamError,
     error_from_response,
     parse_ratelimit,
-    parse_retry_after,
 )
 from app.errors import CATALOGUE, Problem
+from app.httputil import parse_retry_after
 from tests.servers import ROOT
 
 SERVER_SIDE = ("fastapi", "starlette", "uvicorn", "redis", "orjson", "PIL", "prometheus_client", "pydantic_settings")

@@ -49,9 +49,15 @@ async def _stream(body: bytes, cuts: list[int]) -> AsyncIterator[bytes]:
 def run(body: bytes, cuts: list[int], ctype: str | None, tmp: Path, declared: bool = True) -> Upload | Problem:
     async def go() -> Upload | Problem:
         try:
-            return await receive(_stream(body, cuts), ctype, str(len(body)) if declared else None, limits(tmp))
+            upload = await receive(_stream(body, cuts), ctype, str(len(body)) if declared else None, limits(tmp))
         except Problem as problem:
             return problem
+        try:
+            await upload.inspect()  # what the use case does before anything goes upstream
+        except Problem as problem:
+            upload.close()
+            return problem
+        return upload
 
     return asyncio.run(go())
 
@@ -146,6 +152,7 @@ def test_well_formed_form_yields_exactly_the_image_however_it_is_split(
     try:
         assert result.sha256 == hashlib.sha256(JPEG).hexdigest()
         assert result.size == len(JPEG)
+        assert result.facts is not None
         assert (result.facts.width, result.facts.height) == (64, 48)
     finally:
         result.close()

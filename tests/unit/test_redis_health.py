@@ -1,0 +1,55 @@
+"""RedisHealth: bounded operations, and a cool-down only after repeated failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app.redisconn import COOLDOWN_S, RedisDown, RedisHealth
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def fail() -> None:
+    raise RedisConnectionError("refused")
+
+
+async def ok() -> str:
+    return "ok"
+
+
+async def test_one_failure_does_not_switch_redis_off_but_three_in_a_row_do() -> None:
+    clock, calls = Clock(), []
+    health = RedisHealth(calls.append, clock, failures=3)
+    for _ in range(2):
+        with pytest.raises(RedisDown):
+            await health.run("quota", fail)
+    assert health.available
+    assert await health.run("quota", ok) == "ok"  # a success resets the count
+    for _ in range(3):
+        with pytest.raises(RedisDown):
+            await health.run("quota", fail)
+    assert not health.available
+    with pytest.raises(RedisDown):
+        await health.run("quota", ok)  # cooling down: not even tried
+    assert calls == ["quota"] * 5
+    clock.now += COOLDOWN_S
+    assert await health.run("quota", ok) == "ok"
+
+
+async def test_a_hung_operation_is_cut_at_the_timeout() -> None:
+    health = RedisHealth(timeout_s=0.05)
+
+    async def hang() -> None:
+        await asyncio.sleep(3600)
+
+    with pytest.raises(RedisDown):
+        await health.run("cache", hang)
