@@ -307,11 +307,15 @@ class AnalyzeService:
                 await self._release(lease, Outcome("error", _encode_problem(failure.problem)))
                 lease = None
                 raise failure.problem from None
-            await settle(answer.billed)
             data = entry.encode()
-            stored = entry.verdict is None or entry.verdict.cacheable
-            stored = stored and not opts.no_store and await self._cache_set(key, entry, data)
-            await self._release(lease, Outcome("done", data))
+            cacheable = (entry.verdict is None or entry.verdict.cacheable) and not opts.no_store
+            # Three independent Redis writes (quota, cache, lease + notification) in parallel:
+            # each is a round trip, and they are on the path of every paid answer.
+            _, stored, _ = await asyncio.gather(
+                settle(answer.billed),
+                self._cache_set(key, entry, data) if cacheable else _false(),
+                self._release(lease, Outcome("done", data)),
+            )
             lease = None
             return _FlightResult(entry, "fresh", stored, report.attempts, report.upstream_s)
         except BaseException:
@@ -405,6 +409,10 @@ class AnalyzeService:
                     reason="bad_shape",
                 ) from None
         return entry
+
+
+async def _false() -> bool:
+    return False
 
 
 def _encode_problem(problem: Problem) -> bytes:
