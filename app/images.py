@@ -36,7 +36,7 @@ MAX_OTHER_FIELDS_BYTES: Final = 16 * 1024
 #: headers; without a bound, a 20 MB "header" would be accumulated in memory.
 MAX_PART_HEADER_BYTES: Final = 8 * 1024
 #: Upload bytes one process keeps in memory, all uploads together (see BufferBudget).
-MEMORY_BUDGET_BYTES: Final = 16 * 1024 * 1024
+MEMORY_BUDGET_BYTES: Final = 8 * 1024 * 1024
 RAW_TYPES: Final = ("image/", "application/octet-stream")
 _MIME: Final = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
 

@@ -14,6 +14,7 @@ bookkeeping — so both backends give the same answers and pass one test suite.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -62,7 +63,12 @@ class Window:
 
 def windows_us(now_us: int) -> tuple[Window, Window]:
     """The UTC day and UTC calendar month containing ``now_us`` (integer arithmetic, as in Lua)."""
-    days = now_us // _DAY_US
+    return _windows_of_day(now_us // _DAY_US)
+
+
+@functools.lru_cache(maxsize=64)
+def _windows_of_day(days: int) -> tuple[Window, Window]:
+    """Cached per day: every admission asks, and the answer changes once a day."""
     today = _EPOCH + timedelta(days=days)
     month_start = today.replace(day=1)
     next_month = (month_start + timedelta(days=32)).replace(day=1)

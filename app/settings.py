@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # --- storage ---
     redis_url: str = Field("", description="Empty = in-memory cache and quotas (one process only).")
     redis_prefix: str = Field("fg", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
-    redis_timeout_s: float = Field(0.25, gt=0, le=10, description="Per-operation Redis timeout (the cache fails open).")
+    redis_timeout_s: float = Field(1.0, gt=0, le=10, description="Per-operation Redis timeout (the cache fails open).")
     tenants_file: Path = Field(
         Path("tenants.toml"), description="Tenant registry (TOML), reloaded on change or SIGHUP."
     )

@@ -42,7 +42,7 @@ FAST = {
     "FACEGATE_BREAKER_FAILURES": "100000",
     "FACEGATE_BREAKER_RESET_S": "0.2",
     # Two cores run three gateways, the simulator, Redis and the client here: an event loop
-    # can stall past the default 0.25 s, which would count as "Redis down" (fail-closed 503s).
+    # can stall past the default 1 s, which would count as "Redis down" (fail-closed 503s).
     "FACEGATE_REDIS_TIMEOUT_S": "2",
     "FACEGATE_LOG_LEVEL": "warning",
 }

@@ -312,7 +312,7 @@ async def test_stalled_redis_times_out_as_a_cache_error(own_redis: RedisServer) 
     import signal
 
     client = connect(own_redis.url)
-    cache = RedisCache(client, RedisHealth(timeout_s=0.25), "u2")  # the app's per-operation bound
+    cache = RedisCache(client, RedisHealth(timeout_s=0.25), "u2")  # a short bound keeps the test quick
     assert own_redis.proc is not None
     try:
         await cache.set("k", b"v", 60)
