@@ -101,7 +101,7 @@ def tune_allocator() -> None:
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     for env, param, value in (
         ("MALLOC_ARENA_MAX", m_arena_max, 2),
-        ("MALLOC_MMAP_THRESHOLD_", m_mmap_threshold, 64 * 1024),
+        ("MALLOC_MMAP_THRESHOLD_", m_mmap_threshold, 512 * 1024),
         ("MALLOC_TRIM_THRESHOLD_", m_trim_threshold, 128 * 1024),
     ):
         if env not in os.environ:

@@ -12,7 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,8 @@ _KEY_FRAMEWORK = frozenset(
 
 
 def _interesting(pkg: str, name: str) -> bool:
+    if pkg in ("app.__main__", "app.cli"):  # the process's entry frames: always 100 %
+        return False
     return pkg.startswith("app.") or name in _KEY_FRAMEWORK
 
 
@@ -126,9 +128,9 @@ def summarize(path: Path) -> Summary:
         packages.append(pkg)
         short = file.rsplit("/", 1)[-1]
         names.append(f"{_label(f, pkg)} ({pkg}:{short}:{f.get('line', '?')})")
-    self_fn: Counter[str] = Counter()
-    self_pkg: Counter[str] = Counter()
-    incl: Counter[str] = Counter()
+    self_fn: defaultdict[str, float] = defaultdict(float)
+    self_pkg: defaultdict[str, float] = defaultdict(float)
+    incl: defaultdict[str, float] = defaultdict(float)
     total = 0.0
     for profile in data["profiles"]:
         for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
@@ -152,7 +154,8 @@ def summarize(path: Path) -> Summary:
     if total == 0:
         return Summary(0, [], [], [])
 
-    def pct(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(name, 100.0 * w / total) for name, w in counter.most_common()]
+    def pct(weights: dict[str, float]) -> list[tuple[str, float]]:
+        ranked = sorted(weights.items(), key=lambda kv: -kv[1])
+        return [(name, 100.0 * w / total) for name, w in ranked]
 
     return Summary(total, pct(self_fn), pct(self_pkg), pct(incl))

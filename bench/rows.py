@@ -333,9 +333,10 @@ def row2(b: Bench) -> None:
         b.line(2, f"simulator called directly, latency {latency} ms, {conns} conn", fmt_wrk(direct))
         for mode, gw in gateways:
             b.wrk_distinct(gw.url + ANALYZE, b.headers(), 1, conns)
-            calls = b.sim.calls()
+            calls, cpu0 = b.sim.calls(), gw.cpu_seconds()
             res = b.wrk_distinct(gw.url + ANALYZE, b.headers(), seconds, conns)
             upstream = b.sim.calls() - calls
+            cpu_ms = 1000 * (gw.cpu_seconds() - cpu0) / max(1, res.requests)
             if res.errors or upstream < res.requests:
                 b.notes.append(
                     f"row 2 {mode} {latency} ms: {res.errors} errors, {upstream} upstream calls for {res.requests}"
@@ -344,7 +345,7 @@ def row2(b: Bench) -> None:
             b.line(
                 2,
                 f"facegate miss, {mode} mode, latency {latency} ms, {conns} conn",
-                f"{fmt_wrk(res)} · adds p50 {d50:+.1f} ms, p99 {d99:+.1f} ms",
+                f"{fmt_wrk(res)} · adds p50 {d50:+.1f} ms, p99 {d99:+.1f} ms · gateway CPU {cpu_ms:.2f} ms/req",
                 "≤ +3 ms p50, ≤ +10 ms p99",
                 verdict(d50 <= 3.0 and d99 <= 10.0),
             )

@@ -153,6 +153,9 @@ def markdown(b: Bench, command: str, facts: list[tuple[str, str]], started: date
         parts += ["## How each row was measured", ""] + [f"- {d}" for d in b.details] + [""]
     if b.notes:
         parts += ["## Notes from this run", ""] + [f"- {n}" for n in b.notes] + [""]
+    history = procs.ROOT / "bench" / "HISTORY.md"
+    if history.exists():  # hand-written: what changed between runs, and what it bought
+        parts += [history.read_text().rstrip(), ""]
     if b.profiles:
         parts += ["## Profiles (py-spy, hit path under wrk load)", ""]
         for name, text in b.profiles.items():
@@ -195,9 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  Redis: {bench.redis_note}", flush=True)
     try:
         for row in sorted(opts.rows):
-            load = os.getloadavg()[0]
-            bench.details.append(f"Row {row} started at load average {load:.2f} (1 min).")
-            print(f"row {row} ... (load average {load:.2f})", flush=True)
+            now_load = os.getloadavg()[0]
+            bench.details.append(f"Row {row} started at load average {now_load:.2f} (1 min).")
+            print(f"row {row} ... (load average {now_load:.2f})", flush=True)
             ROWS[row](bench)
     finally:
         bench.close()
