@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import redis
 
+from tests.servers import RedisServer, redis_pings
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SIM_KEY = "bench-sim-key-0123456789abcdef"
@@ -269,58 +271,18 @@ def start_nginx(answer: bytes, workdir: Path) -> Server | None:
 # --- Redis -------------------------------------------------------------------------------
 
 
-def pings(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-class RedisServer:
-    """A redis-server owned by the harness (no persistence), on a free port."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        data = workdir / f"redis-{self.port}"
-        data.mkdir(parents=True, exist_ok=True)
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        argv += ["--dir", str(data)]
-        self.log = (workdir / f"redis-{self.port}.log").open("wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not pings(self.url):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-        self.log.close()
-
-
 def shared_redis(workdir: Path) -> tuple[str | None, RedisServer | None, str]:
     """The Redis the rows use: FACEGATE_TEST_REDIS_URL, else :6379 if it answers, else our own."""
     url = os.environ.get("FACEGATE_TEST_REDIS_URL")
     if url:
-        if pings(url):
+        if redis_pings(url):
             return url, None, f"FACEGATE_TEST_REDIS_URL ({_redis_version(url)})"
         return None, None, f"FACEGATE_TEST_REDIS_URL={url} does not answer PING"
-    if pings("redis://127.0.0.1:6379/0"):
+    if redis_pings("redis://127.0.0.1:6379/0"):
         url = "redis://127.0.0.1:6379/0"
         return url, None, f"the machine's Redis on 127.0.0.1:6379 ({_redis_version(url)})"
     try:
-        own = RedisServer(workdir)
+        own = RedisServer(log=workdir / "redis.log")
     except (FileNotFoundError, RuntimeError) as exc:
         return None, None, f"no Redis ({exc}); Redis rows skipped"
     return own.url, own, f"redis-server started by the harness ({_redis_version(own.url)})"

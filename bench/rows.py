@@ -156,7 +156,7 @@ class Bench:
             removed = procs.delete_prefixes(self.redis_url, self.prefixes)
             self.notes.append(f"removed {removed} benchmark keys from the shared Redis (this run's prefixes only)")
         if self._own_redis is not None:
-            self._own_redis.stop()
+            self._own_redis.close()
 
 
 def _log_problems(server: procs.Server) -> Counter[str]:
@@ -524,7 +524,7 @@ def _commandstats(url: str) -> Counter[str]:
 def row6(b: Bench) -> None:
     own: procs.RedisServer | None = None
     try:
-        own = procs.RedisServer(b.workdir)
+        own = procs.RedisServer(log=b.workdir / "redis-row6.log")
         target = own.url
         where = "a redis-server started for this row"
     except (FileNotFoundError, RuntimeError):
@@ -597,7 +597,7 @@ def row6(b: Bench) -> None:
                 server.stop()
         proxy.stop()
         if own is not None:
-            own.stop()
+            own.close()
     for what, (rt, per, _) in results.items():
         commands = ", ".join(f"{k} {v:g}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
         target_text, v = "", ""

@@ -12,10 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,11 +21,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from app.tenants import new_key, paste_line
 from tests.imagegen import make_image
-from tests.servers import ServerProcess, free_port, start_process
+from tests.servers import RedisServer, ServerProcess, free_port, redis_pings, start_process
 
 SIM_KEY = "sim-test-key-0123456789"
 PY = sys.executable
@@ -43,81 +39,28 @@ def unique_image(fmt: str = "jpeg", width: int = 128, height: int = 128, **kw: A
 # --- Redis -------------------------------------------------------------------------------
 
 
-def _pings(url: str) -> bool:
+def throwaway_redis() -> RedisServer:
+    """A throwaway redis-server, or a skip with the reason when none can be started."""
     try:
-        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-class RedisServer:
-    """A throwaway redis-server we own (so tests may stop and restart it)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed (apt-get install redis-server); needed to stop/start Redis")
-        self.binary = binary
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tempfile.mkdtemp(prefix="facegate-redis-")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _pings(self.url):
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        return RedisServer()
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; needed to stop/start Redis")
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     url = os.environ.get("FACEGATE_TEST_REDIS_URL")
     if url:
-        if not _pings(url):
+        if not redis_pings(url):
             pytest.fail(f"FACEGATE_TEST_REDIS_URL={url} does not answer PING")
         yield url
         return
-    if _pings("redis://127.0.0.1:6379/0"):
+    if redis_pings("redis://127.0.0.1:6379/0"):
         yield "redis://127.0.0.1:6379/0"
         return
     if shutil.which("redis-server") is None:
         pytest.skip("no Redis: set FACEGATE_TEST_REDIS_URL, run one on 127.0.0.1:6379, or install redis-server")
-    server = RedisServer()
+    server = throwaway_redis()
     try:
         yield server.url
     finally:
@@ -127,7 +70,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis this test may stop and restart."""
-    server = RedisServer()
+    server = throwaway_redis()
     try:
         yield server
     finally:

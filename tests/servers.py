@@ -111,3 +111,68 @@ def start_process(
     except BaseException:
         server.stop()
         raise
+
+
+def redis_pings(url: str) -> bool:
+    """True when a Redis answers PING at ``url`` within half a second."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.RedisError:
+        return False
+
+
+class RedisServer:
+    """A throwaway redis-server on loopback (no persistence) that its owner may stop and start.
+
+    Raises FileNotFoundError when ``redis-server`` is not installed. ``log`` (a path) keeps
+    its output; by default it is discarded.
+    """
+
+    def __init__(self, port: int | None = None, *, log: Path | None = None) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="facegate-redis-")
+        self._log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        out = self._log_path.open("ab") if self._log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [*argv, "--dir", self.dir], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        finally:
+            if not isinstance(out, int):
+                out.close()  # the child has its own descriptor
+        deadline = time.monotonic() + 10
+        while not redis_pings(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

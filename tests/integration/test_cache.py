@@ -36,8 +36,8 @@ from tests.cachekit import (
     usage,
     wait_until,
 )
-from tests.conftest import Gateway, RedisServer, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import ServerProcess
+from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
+from tests.servers import RedisServer, ServerProcess
 
 MISS = "facegate; fwd=uri-miss; stored"
 TENANTS = {"alpha": {}, "beta": {}, "gamma": {"daily_quota": 1, "monthly_quota": 1}}

@@ -32,8 +32,8 @@ from app.quota import _lua
 from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
 from app.upstream.guard import GuardTimeout, LocalGuard, RedisGuard
-from tests.conftest import PY, Gateway, RedisServer, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import ROOT, ServerProcess
+from tests.conftest import PY, Gateway, Sim, start_gateway, unique_image, write_tenants
+from tests.servers import ROOT, RedisServer, ServerProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -23,8 +23,7 @@ from app.redisconn import COOLDOWN_S, RedisHealth
 from app.settings import Settings
 from app.singleflight import Outcome
 from app.upstream import contract
-from tests.conftest import RedisServer
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 
 def connect(url: str) -> aioredis.Redis:
