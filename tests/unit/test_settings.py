@@ -103,3 +103,11 @@ def test_readme_documents_every_setting() -> None:
     missing = [name for name in Settings.model_fields if f"FACEGATE_{name.upper()}" not in readme]
     # Settings documented in a combined row ("A / B", "_FILE") are found by their own names too.
     assert not missing, f"README's configuration table lacks: {missing}"
+
+
+def test_readme_documents_every_error_code() -> None:
+    from app.errors import CATALOGUE
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [code for code, spec in CATALOGUE.items() if f"| `{code}` | {spec.status} |" not in readme]
+    assert not missing, f"README's error table lacks (or has the wrong status for): {missing}"
