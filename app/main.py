@@ -15,7 +15,7 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -63,9 +63,7 @@ class Runtime:
     metrics: Metrics
     intake: IntakeLimits
     uploads: UploadGate
-    http: httpx.AsyncClient
     redis: aioredis.Redis | None = None
-    closers: list[Any] = field(default_factory=list)
 
     async def readiness(self) -> dict[str, str]:
         checks = {
@@ -221,7 +219,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             body_timeout_s=settings.body_timeout_s,
         ),
         uploads=UploadGate(settings.max_uploads_in_flight, metrics.uploads_in_flight.set),
-        http=http,
         redis=redis_client,
     )
     app.state.runtime = rt

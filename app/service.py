@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -82,8 +82,6 @@ class AnalyzeService:
         self.coordinator = coordinator
         self.flights: Flights[_FlightResult] = Flights()
         self._entries = EntryMemo()
-        #: Every flight this process leads, for ``drain`` (which must be able to cancel them).
-        self._leading: set[asyncio.Task[_FlightResult]] = set()
 
     # --- public use cases -------------------------------------------------------------
 
@@ -125,9 +123,7 @@ class AnalyzeService:
             return await self._follow(ctx, running)
         upload.handed_off = True
         work = lambda: self._lead(key, tenant, upload, admission.reservation, opts)  # noqa: E731
-        task = self.flights.start(key, work) if not opts.no_cache else self.flights.start_anonymous(work)
-        self._leading.add(task)
-        task.add_done_callback(self._leading.discard)
+        task = self.flights.start(None if opts.no_cache else key, work)
         try:
             result = await join(task, self.config.follow_timeout_s)
         except TimeoutError:  # the flight waited for another replica, then called: it goes on detached
@@ -147,13 +143,9 @@ class AnalyzeService:
         the lifespan calls this before it closes them. Left to die with the event loop,
         the flights would keep the quota they reserved.
         """
-        await self.flights.drain(grace_s)
-        leftovers = [task for task in self._leading if not task.done()]
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            log.warning("shutdown: %d upstream call(s) outlived the grace period; cancelled", len(leftovers))
-            await asyncio.wait(leftovers, timeout=settle_s)
+        cancelled = await self.flights.drain(grace_s, settle_s)
+        if cancelled:
+            log.warning("shutdown: %d upstream call(s) outlived the grace period; cancelled", cancelled)
 
     async def lookup(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> tuple[Entry, float] | None:
         """A cached analysis by image hash, without an upload. Never billable."""
@@ -262,10 +254,10 @@ class AnalyzeService:
             ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
         return entry
 
-    async def _follow(self, ctx: RequestContext, task: Any) -> Entry:
+    async def _follow(self, ctx: RequestContext, task: asyncio.Task[_FlightResult]) -> Entry:
         ctx.cache = CacheStatus(hit=False, fwd="uri-miss", collapsed=True)
         try:
-            result: _FlightResult = await join(task, self.config.follow_timeout_s)
+            result = await join(task, self.config.follow_timeout_s)
         except TimeoutError:
             raise Problem("upstream_timeout", "the identical request this one joined did not finish in time") from None
         return result.entry

@@ -79,53 +79,54 @@ class LocalCoordinator:
 
 
 class Flights(Generic[T]):
-    """In-process flights by key."""
+    """In-process flights: by key (joinable), or anonymous (``Cache-Control: no-cache``)."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task[T]] = {}
-        self._anonymous: set[asyncio.Task[T]] = set()
+        self._by_key: dict[str, asyncio.Task[T]] = {}
+        self._running: set[asyncio.Task[T]] = set()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._tasks
+        return key in self._by_key
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._by_key)
 
-    def start(self, key: str, work: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
-        """Start the flight for ``key`` (the caller checked none is running)."""
+    def start(self, key: str | None, work: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """Start a flight; with a ``key`` (the caller checked none is running) others may join it."""
 
         async def run() -> T:
             try:
                 return await work()
             finally:
-                self._tasks.pop(key, None)
+                if key is not None:
+                    self._by_key.pop(key, None)
 
-        task = asyncio.get_running_loop().create_task(run(), name=f"flight:{key[:12]}")
+        name = f"flight:{key[:12]}" if key is not None else "flight:anonymous"
+        task = asyncio.get_running_loop().create_task(run(), name=name)
         # A flight nobody awaits any more must not log "exception never retrieved".
         task.add_done_callback(_consume)
-        self._tasks[key] = task
-        return task
-
-    def start_anonymous(self, work: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
-        """A detached call nobody may join (``Cache-Control: no-cache``)."""
-
-        async def run() -> T:
-            return await work()
-
-        task = asyncio.get_running_loop().create_task(run(), name="flight:anonymous")
-        task.add_done_callback(_consume)
-        self._anonymous.add(task)
-        task.add_done_callback(self._anonymous.discard)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        if key is not None:
+            self._by_key[key] = task
         return task
 
     def get(self, key: str) -> asyncio.Task[T] | None:
-        return self._tasks.get(key)
+        return self._by_key.get(key)
 
-    async def drain(self, timeout_s: float) -> None:
-        """Let running flights finish (graceful shutdown): their calls may already be paid."""
-        tasks = [*self._tasks.values(), *self._anonymous]
+    async def drain(self, grace_s: float, settle_s: float = 5.0) -> int:
+        """Graceful shutdown: let flights finish within ``grace_s`` (their calls may already be
+        paid), then cancel the rest and give them ``settle_s`` to refund. Returns how many
+        were cancelled."""
+        tasks = list(self._running)
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+            await asyncio.wait(tasks, timeout=grace_s)
+        leftovers = [task for task in tasks if not task.done()]
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=settle_s)
+        return len(leftovers)
 
 
 def _consume(task: asyncio.Task[object]) -> None:
