@@ -195,7 +195,7 @@ def cmd_keys_hash(args: argparse.Namespace) -> None:
 
 
 def cmd_sim(args: argparse.Namespace) -> None:
-    from app.upstream import sim
+    from app import sim
 
     argv = ["--host", args.host, "--port", str(args.port)]
     if args.shape:

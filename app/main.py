@@ -143,7 +143,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     upstream_url = settings.upstream_url
     api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
     if api_key is None:
-        from app.upstream import sim
+        from app import sim
 
         sim_key = "sandbox-" + uuid.uuid4().hex
         handle = await sim.start_background("127.0.0.1", 0, sim.SimConfig(api_keys=[sim_key]))

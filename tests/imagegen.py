@@ -1,6 +1,6 @@
 """Test images made on the fly with Pillow, so no binary fixtures live in the repo.
 
-``sim=`` embeds a simulator directive (see ``app/upstream/sim.py``): an ASCII
+``sim=`` embeds a simulator directive (see ``app/sim/``): an ASCII
 ``facegate-sim:faces=2;error=ERROR_BLURRY_FACE`` string that the simulator finds
 anywhere in the file's bytes. JPEG carries it in a COM segment, PNG in a tEXt
 chunk, BMP after the pixel data.

@@ -1,6 +1,6 @@
 """The ailabapi simulator against the upstream contract, over real sockets.
 
-One real subprocess (``python -m app.upstream.sim``) serves the module; every test
+One real subprocess (``python -m app.sim``) serves the module; every test
 starts from ``POST /_sim/reset``. A few tests run the simulator in-process with
 ``start_background`` to cover sandbox mode and the per-key limits.
 """
@@ -24,8 +24,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.sim import BackgroundSim, SimConfig, start_background
 from app.upstream import contract
-from app.upstream.sim import BackgroundSim, SimConfig, start_background
 from tests.imagegen import encode, make_image, pixels
 from tests.servers import free_port, start_process
 
@@ -46,7 +46,7 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "app.upstream.sim", "--port", str(port), "--key", KEY, "--key", "second-key"]
+    argv = [sys.executable, "-m", "app.sim", "--port", str(port), "--key", KEY, "--key", "second-key"]
     server = start_process(argv, {}, port)
     try:
         yield server.url

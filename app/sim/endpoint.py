@@ -1,0 +1,122 @@
+"""``POST /api/portrait/analysis/face-analyzer-advanced``: key, limits, body, faults, image, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from app.sim.body import pause, read_image
+from app.sim.config import NO_FACE_MESSAGE, SHAPE_HEADER
+from app.sim.faces import faces, list_data, tencent_face
+from app.sim.faults import Fault
+from app.sim.picture import inspect
+from app.sim.replies import ClientGone, Refusal, Reply, envelope, error_reply, json_reply
+from app.sim.state import Sim
+from app.upstream import contract
+
+
+class Analyze:
+    """The analyze endpoint as a raw ASGI app.
+
+    Raw because the ``drop`` fault and disconnect-aware waits need send/receive.
+    """
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sim = self.sim
+        sim.stats.calls += 1
+        sim.stats.in_flight += 1
+        sim.stats.max_in_flight = max(sim.stats.max_in_flight, sim.stats.in_flight)
+        try:
+            try:
+                reply = await self._answer(Headers(scope=scope), receive)
+            except Refusal as err:
+                reply = error_reply(err)
+            except ClientGone:
+                sim.stats.disconnected += 1
+                return
+            sim.record(reply)
+            await reply.send(send)
+        finally:
+            sim.stats.in_flight -= 1
+
+    async def _answer(self, headers: Headers, receive: Receive) -> Reply:
+        sim = self.sim
+        if not sim.key_ok(headers.get(contract.KEY_HEADER)):
+            raise Refusal("ERROR_USER_NOT_EXISTS")
+        sim.admit()
+        try:
+            image = await read_image(headers, receive)
+            assert image.data is not None
+            sim.stats.per_image[image.sha256] += 1
+            fault = sim.take_fault()
+            await pause(sim.latency_ms / 1000, receive, sim.wake)
+            if fault is not None:
+                reply = await self._fault(fault, receive)
+                if reply is not None:
+                    return reply
+            return await self._analyze(image.data, image.sha256, headers, receive)
+        finally:
+            sim.admitted -= 1
+
+    async def _fault(self, fault: Fault, receive: Receive) -> Reply | None:
+        if fault.mode == "status":
+            assert fault.status is not None
+            assert fault.code is not None
+            err = Refusal(fault.code, fault.message, status=fault.status)
+            if fault.retry_after is not None:
+                err.headers["Retry-After"] = str(fault.retry_after)
+            raise err
+        if fault.mode == "bad_key":
+            raise Refusal("ERROR_USER_NOT_EXISTS")
+        if fault.mode == "no_credits":
+            raise Refusal("ERROR_NOT_ENOUGH_CREDITS")
+        if fault.mode == "hang":
+            await pause(fault.seconds, receive, self.sim.wake)
+            return None
+        if fault.mode == "redirect":
+            assert fault.location is not None
+            return Reply(307, b"", "SIM_REDIRECT", content_type=None, headers={"Location": fault.location})
+        if fault.mode == "malformed":
+            body = fault.body or f'{{"request_id": "{uuid.uuid4().hex}", "error_code": 0, "face_detail_infos": [{{"'
+            return Reply(fault.status or 200, body.encode(), "SIM_MALFORMED", content_type=fault.content_type)
+        plain = envelope()
+        if fault.mode == "missing_field":
+            return json_reply(200, plain, "SIM_MISSING_FIELD")
+        reply = json_reply(200, {**plain, "image_width": 0, "image_height": 0, "face_detail_infos": []}, "SIM_DROP")
+        reply.drop = True
+        return reply
+
+    async def _analyze(self, data: bytes, digest: str, headers: Headers, receive: Receive) -> Reply:
+        async with self.sim.decode_slots:
+            picture = await asyncio.to_thread(inspect, data)
+        directive = picture.directive
+        await pause(directive.latency_ms / 1000, receive, self.sim.wake)
+        if directive.error:
+            no_face = directive.error == "ERROR_NO_FACE_IN_FILE"
+            raise Refusal(directive.error, NO_FACE_MESSAGE if no_face else None)
+        shape = directive.shape or headers.get(SHAPE_HEADER) or self.sim.config.shape
+        if shape not in ("tencent", "list"):
+            raise Refusal("ERROR_INVALID_PARAMETER", f"{SHAPE_HEADER} must be tencent or list")
+        count = directive.faces
+        if count is None:
+            count = 1 if min(picture.width, picture.height) >= contract.MIN_FACE_SIDE else 0
+        if count == 0:
+            raise Refusal("ERROR_NO_FACE_IN_FILE", NO_FACE_MESSAGE)
+        found = faces(digest, count, picture.width, picture.height)
+        body: dict[str, Any] = {
+            **envelope(),
+            "image_width": picture.width,
+            "image_height": picture.height,
+        }
+        if shape == contract.Shape.LIST.value:
+            body["data"] = list_data(found)
+        else:
+            body["face_detail_infos"] = [tencent_face(face) for face in found]
+        return json_reply(200, body, "OK")
