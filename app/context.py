@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.quota import Admission
+from app.limits import Admission
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,8 @@ from app.cache import CacheBackend, CacheError
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry, EntryMemo
 from app.errors import Problem
-from app.images import Upload
-from app.quota import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
+from app.intake import Upload
+from app.limits import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
 from app.schema.normalize import UpstreamFormatError
 from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewing
 from app.tenants import Tenant

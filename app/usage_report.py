@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from app import redisconn
-from app.quota import Admission, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
+from app.limits import Admission, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
 from app.settings import Settings
 from app.tenants import TenantRegistry, TenantsFileError
 

@@ -7,14 +7,14 @@ refusals are rendered in ailabapi's envelope by the app's problem handler.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from app.api.common import analyze_request, authenticate
-from app.api.v1 import UPLOAD_BODY
-from app.tenants import Tenant
+from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
+from app.api.openapi import UPLOAD_BODY
+from app.api.uploads import analyze_request
 from app.upstream import contract
 
 router = APIRouter(tags=["ailabapi-compatible"])
@@ -47,8 +47,10 @@ ENVELOPE_SCHEMA: dict[str, Any] = {
     },
     openapi_extra=UPLOAD_BODY,
 )
-async def face_analyzer_advanced(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> Response:
+async def face_analyzer_advanced(
+    request: Request, *, rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep, opts: OptionsDep
+) -> Response:
     """Same request as ailabapi (multipart field `image`, tenant key in `ailabapi-api-key`); the
     answer is ailabapi's JSON, from the cache or live, including its error envelopes."""
-    entry = await analyze_request(request, tenant)
+    entry = await analyze_request(request, rt, ctx, tenant, opts)
     return Response(entry.body, status_code=entry.status, media_type="application/json")

@@ -19,7 +19,7 @@ of Items whose value is the policy name as an sf-string.
 from __future__ import annotations
 
 from app.context import RequestContext
-from app.quota import Admission, ceil_s
+from app.limits import Admission, ceil_s
 
 
 def policy_items(admission: Admission) -> tuple[list[str], list[str]]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.api.common import json_response, runtime
+from app.api.deps import RuntimeDep
+from app.api.responses import json_response
 
 router = APIRouter(tags=["operations"])
 
@@ -17,11 +18,11 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz", summary="Readiness: Redis, tenants and upstream configuration")
-async def readyz(request: Request) -> Response:
+async def readyz(rt: RuntimeDep) -> Response:
     """Ready when this replica can serve. Deliberately NOT a probe of ailabapi: if the upstream
     is down, every replica would turn unready at once and take cache hits down with them;
     the circuit breaker answers 503 quickly instead, and the breaker state is in /metrics."""
-    checks = await runtime(request).readiness()
+    checks = await rt.readiness()
     ok = all(value == "ok" for value in checks.values())
     return json_response({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
@@ -34,5 +35,5 @@ async def readyz(request: Request) -> Response:
         200: {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}
     },
 )
-async def metrics(request: Request) -> Response:
-    return Response(runtime(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(rt: RuntimeDep) -> Response:
+    return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -6,62 +6,24 @@ import re
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from app.api.common import analyze_request, authenticate, context, json_response, runtime
+from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
+from app.api.openapi import UPLOAD_BODY, problems
+from app.api.responses import json_response
+from app.api.uploads import analyze_request
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry
 from app.errors import Problem
-from app.quota import Usage
+from app.limits import Usage
 from app.schema.normalize import build_analysis
 from app.schema.v1 import AnalysisV1
-from app.tenants import Tenant
 from app.upstream.contract import Kind
 from app.usage_report import usage_dict
 
 router = APIRouter(prefix="/v1", tags=["v1"])
-TenantDep = Annotated[Tenant, Depends(authenticate)]
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-PROBLEM_RESPONSE: dict[str, Any] = {
-    "description": "An RFC 9457 problem with a stable `code` (see the README's error table).",
-    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-}
-
-
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: PROBLEM_RESPONSE for status in statuses}
-
-
-UPLOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "The image (JPEG, PNG or BMP, at most 20 MiB, each side 33..4095 px): as the "
-        "multipart field `image` (like ailabapi), or as the raw body with `Content-Type: image/*`.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                }
-            },
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/bmp": {"schema": {"type": "string", "format": "binary"}},
-        },
-    },
-    "parameters": [
-        {
-            "name": "Cache-Control",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string"},
-            "description": "`no-cache`: skip the cache lookup (a billable call); `no-store`: do not store the answer.",
-        }
-    ],
-}
 
 
 def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, Any]:
@@ -92,30 +54,36 @@ def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, A
     "/faces/analyze",
     summary="Analyze the faces in an image",
     response_model=AnalysisV1,
-    responses=_problems(400, 401, 408, 413, 415, 422, 429, 502, 503, 504),
+    responses=problems(400, 401, 408, 413, 415, 422, 429, 502, 503, 504),
     openapi_extra=UPLOAD_BODY,
 )
 async def analyze(
     request: Request,
+    *,
+    rt: RuntimeDep,
+    ctx: ContextDep,
     tenant: TenantDep,
+    opts: OptionsDep,
     landmarks: Annotated[
         bool, Query(description="Include the 105 landmarks and pupils (list-style answers only).")
     ] = False,
 ) -> Response:
     """Answers from the cache when this image was analyzed before (free), otherwise calls ailabapi
     (one billable call counted against the tenant's quota). Identical concurrent uploads share one call."""
-    entry = await analyze_request(request, tenant)
-    return json_response(render(context(request), entry, landmarks=landmarks))
+    entry = await analyze_request(request, rt, ctx, tenant, opts)
+    return json_response(render(ctx, entry, landmarks=landmarks))
 
 
 @router.get(
     "/faces/analyses/{sha256}",
     summary="A cached analysis, by the image's SHA-256",
     response_model=AnalysisV1,
-    responses=_problems(400, 401, 404, 422, 429),
+    responses=problems(400, 401, 404, 422, 429),
 )
 async def cached_analysis(
-    request: Request,
+    *,
+    rt: RuntimeDep,
+    ctx: ContextDep,
     tenant: TenantDep,
     sha256: Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")],
     landmarks: Annotated[bool, Query(description="Include landmarks and pupils.")] = False,
@@ -123,8 +91,7 @@ async def cached_analysis(
     """Never billable: answers only what is in the cache for the caller's scope."""
     if not _SHA256.match(sha256):
         raise Problem("invalid_request", "sha256 must be 64 lowercase hex characters")
-    ctx = context(request)
-    found = await runtime(request).service.lookup(ctx, tenant, sha256)
+    found = await rt.service.lookup(ctx, tenant, sha256)
     if found is None:
         raise Problem("not_found", "no cached analysis of that image for this tenant")
     entry, ttl = found
@@ -132,10 +99,10 @@ async def cached_analysis(
     return json_response(render(ctx, entry, landmarks=landmarks))
 
 
-@router.get("/usage", summary="The caller's limits and usage", responses=_problems(401, 429, 503))
-async def usage(request: Request, tenant: TenantDep) -> Response:
+@router.get("/usage", summary="The caller's limits and usage", responses=problems(401, 429, 503))
+async def usage(rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep) -> Response:
     """Policies, used and remaining per window, reset times, cache hits/misses and credits spent."""
-    report = await runtime(request).service.usage(context(request), tenant)
+    report = await rt.service.usage(ctx, tenant)
     return json_response(usage_body(report))
 
 

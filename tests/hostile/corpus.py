@@ -10,7 +10,7 @@ with exactly one upstream call.
 
 Refusals come from two layers:
 
-* facegate's intake (``app/images.py``, ``app/image_headers.py``): RFC 9457 problems
+* facegate's intake (``app/intake/``): RFC 9457 problems
   with a ``code`` (``docs/images.md``);
 * the HTTP server (uvicorn + ``app/httpserver.py``) for what is not valid HTTP/1.1 at
   all: plain-text ``400``, ``408`` or ``431`` with ``connection: close`` and no request

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app.quota import _lua
+from app.limits.redis import _lua
 from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
 from app.upstream.guard import GuardTimeout, LocalGuard, RedisGuard

@@ -22,7 +22,7 @@ import pytest
 from http_sfv.list import List as SfList
 
 from app.api.headers import ratelimit_headers
-from app.quota import Admission, QuotaState, RateState
+from app.limits import Admission, QuotaState, RateState
 from app.tenants import Limits
 from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
 from tests.servers import ServerProcess

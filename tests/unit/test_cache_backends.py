@@ -328,14 +328,14 @@ async def test_stalled_redis_times_out_as_a_cache_error(own_redis: RedisServer) 
 async def test_a_failing_cache_does_not_switch_off_the_other_redis_components(redis_url: str) -> None:
     """The backends the app builds: each component has its own cool-down, so a cache lookup
     that timed out (say under a CPU burst) leaves quotas (fail-closed) and collapsing working."""
-    from app.main import _backends
+    from app.limits import QuotaUnavailable
     from app.observability import Metrics
-    from app.quota import QuotaUnavailable
+    from app.runtime import backends
     from app.tenants import Limits, Tenant
 
     settings = Settings(redis_url=redis_url, redis_prefix="u" + uuid.uuid4().hex[:12], max_uploads_in_flight=4)
     metrics = Metrics()
-    client, cache, limiter, coordinator, guard = await _backends(settings, metrics)
+    client, cache, limiter, coordinator, guard = await backends(settings, metrics)
     assert client is not None
     assert isinstance(cache, TieredCache)
     assert isinstance(cache.shared, RedisCache)

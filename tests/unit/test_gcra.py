@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.quota import US, RateState, available, gcra, interval_us, windows_us
+from app.limits.base import RateState
+from app.limits.gcra import US, available, gcra, interval_us, windows_us
 from app.tenants import Limits
 
 T0 = 1_700_000_000 * US  # an arbitrary instant, in µs

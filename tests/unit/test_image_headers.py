@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from app.image_headers import (
+from app.intake.sniff import (
     GRAYSCALE_DETAIL,
     MAX_SEGMENTS,
     Buffer,

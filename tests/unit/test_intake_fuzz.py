@@ -1,4 +1,4 @@
-"""Property tests of the upload intake (``app.images.receive``) on arbitrary bodies.
+"""Property tests of the upload intake (``app.intake.receive``) on arbitrary bodies.
 
 The image sniffer and the normalizer have their own property tests; this covers the
 layer in front of them: whatever bytes arrive, cut into whatever chunks, with whatever
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.errors import Problem
-from app.images import MAX_PARTS, IntakeLimits, Upload, receive
+from app.intake.receive import MAX_PARTS, IntakeLimits, Upload, receive
 from tests.imagegen import encode, pixels
 
 REFUSALS = {

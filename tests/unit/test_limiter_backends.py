@@ -19,7 +19,8 @@ import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from app.quota import US, Admission, Limiter, MemoryLimiter, QuotaUnavailable, RedisLimiter, windows_us
+from app.limits import Admission, Limiter, MemoryLimiter, QuotaUnavailable, RedisLimiter
+from app.limits.gcra import US, windows_us
 from app.redisconn import RedisHealth
 from app.tenants import Limits, Tenant
 

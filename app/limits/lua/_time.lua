@@ -1,4 +1,4 @@
--- Shared by the quota scripts (prepended by quota.py): UTC windows from Redis' clock,
+-- Shared by the quota scripts (prepended by app/limits/redis.py): UTC windows from Redis' clock,
 -- so that replicas with skewed clocks still agree on "today" and "this month".
 local function now_us(override)
   if override ~= nil and override ~= '' then return tonumber(override) end

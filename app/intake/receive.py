@@ -2,9 +2,9 @@
 
 The body is consumed as a stream so that the size cap holds however the client lies
 (a missing or false Content-Length does not help; a 2 GB body is cut off at the cap).
-Large uploads spool to disk, and so does everything once the process holds MEMORY_BUDGET_BYTES
-of uploads in memory, so that many concurrent uploads do not pin memory. Nothing
-here decodes pixels: the format is sniffed and checked by ``image_headers``.
+Large uploads spool to disk (``spool``), and so does everything once the process holds
+MEMORY_BUDGET_BYTES of uploads in memory, so that many concurrent uploads do not pin
+memory. Nothing here decodes pixels: the format is sniffed and checked by ``sniff``.
 """
 
 from __future__ import annotations
@@ -12,18 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import mmap
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import Problem
-from app.image_headers import ImageError, ImageFacts, inspect
+from app.intake.sniff import ImageError, ImageFacts, inspect
+from app.intake.spool import MEMORY_BUDGET_BYTES, BufferBudget, SpooledBody
 from app.upstream import contract
 
 #: Room for multipart boundaries, part headers and small extra fields around the image.
@@ -35,32 +34,8 @@ MAX_OTHER_FIELDS_BYTES: Final = 16 * 1024
 #: Bytes of one part's headers (names and values together). Real parts carry two short
 #: headers; without a bound, a 20 MB "header" would be accumulated in memory.
 MAX_PART_HEADER_BYTES: Final = 8 * 1024
-#: Upload bytes one process keeps in memory, all uploads together (see BufferBudget).
-MEMORY_BUDGET_BYTES: Final = 8 * 1024 * 1024
 RAW_TYPES: Final = ("image/", "application/octet-stream")
 _MIME: Final = {"jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp"}
-
-
-class BufferBudget:
-    """Bytes of upload bodies this process holds in memory at once, all uploads together.
-
-    The spool threshold alone bounds one upload, not a crowd: 200 concurrent uploads
-    each just under a 1 MB threshold would pin 200 MB. Past the budget, a body goes to
-    its spool file from the next chunk on, whatever its size.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def give(self, n: int) -> None:
-        self.used -= n
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,86 +47,6 @@ class IntakeLimits:
     body_timeout_s: float
     #: Shared by every upload received under these limits (one per app, so one per process).
     memory: BufferBudget = field(default_factory=lambda: BufferBudget(MEMORY_BUDGET_BYTES))
-
-
-class SpooledBody:
-    """Bytes in memory up to a threshold (and within the process's budget), else in an
-    anonymous temporary file (``O_TMPFILE`` on Linux: it has no name and vanishes on close)."""
-
-    def __init__(self, threshold: int, spool_dir: Path, budget: BufferBudget | None = None) -> None:
-        self._threshold = threshold
-        self._dir = spool_dir
-        self._budget = budget or BufferBudget(threshold)
-        self._buf = bytearray()
-        self._held = 0  # bytes of the budget this body holds
-        self._frozen: bytes | None = None
-        self._file: IO[bytes] | None = None
-        self.size = 0
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        self.size += len(chunk)
-        if self._file is None:
-            if self.size <= self._threshold and self._budget.take(len(chunk)):
-                self._held += len(chunk)
-                self._buf += chunk
-                return
-            self._file = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115 - closed in close()
-            self._file.write(self._buf)
-            self._release_memory()
-        self._file.write(chunk)
-
-    def freeze(self) -> None:
-        """The body is complete: keep in-memory bytes as one immutable ``bytes`` (sent as is,
-        on every attempt, without a copy), or flush the spool file."""
-        if self._file is not None:
-            self._file.flush()
-        elif self._frozen is None:
-            self._frozen = bytes(self._buf)
-            self._buf = bytearray()
-
-    @property
-    def spooled(self) -> bool:
-        return self._file is not None
-
-    @contextlib.contextmanager
-    def view(self) -> Iterator[memoryview | mmap.mmap]:
-        """The whole (frozen) body, readable without a copy: an mmap while spooled.
-
-        The mapping lives only as long as the ``with``: mapped pages of a spool file count
-        in the process's RSS, and an upload waits seconds for ailabapi after inspection.
-        """
-        self.freeze()
-        if self._file is None:
-            assert self._frozen is not None
-            with memoryview(self._frozen) as mv:
-                yield mv
-            return
-        mapped = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            yield mapped
-        finally:
-            mapped.close()
-
-    def content(self) -> bytes | IO[bytes]:
-        """What the upstream client sends: bytes, or the rewound spool file (streamed by httpx)."""
-        self.freeze()
-        if self._file is None:
-            assert self._frozen is not None
-            return self._frozen
-        self._file.seek(0)
-        return self._file
-
-    def _release_memory(self) -> None:
-        self._budget.give(self._held)
-        self._held = 0
-        self._buf = bytearray()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._release_memory()
-        self._frozen = None
 
 
 @dataclass(slots=True)

@@ -1,5 +1,5 @@
 -- Rate limit (GCRA) + optional quota reservation + hit/miss count, atomically, in one round trip.
--- Mirrored operation for operation by MemoryLimiter (app/quota.py: gcra, windows_us): keep them equal.
+-- Mirrored operation for operation by MemoryLimiter (app/limits/memory.py, app/limits/gcra.py): keep them equal.
 -- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash  (one {tenant} slot)
 -- ARGV: 1 interval_us, 2 burst, 3 reserve (0/1), 4 daily limit (-1 = none), 5 monthly limit (-1 = none),
 --       6 now override (tests; '' = Redis TIME), 7 record ('hits', 'misses' or ''; counted only if admitted)

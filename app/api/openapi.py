@@ -1,0 +1,77 @@
+"""OpenAPI pieces shared by the routes: problem responses, the upload body, the Problem schema.
+
+Kept apart from the route modules so that none of them imports another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+PROBLEM_RESPONSE: dict[str, Any] = {
+    "description": "An RFC 9457 problem with a stable `code` (see the README's error table).",
+    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of a route that refuses with these statuses."""
+    return {status: PROBLEM_RESPONSE for status in statuses}
+
+
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "The image (JPEG, PNG or BMP, at most 20 MiB, each side 33..4095 px): as the "
+        "multipart field `image` (like ailabapi), or as the raw body with `Content-Type: image/*`.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/bmp": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "parameters": [
+        {
+            "name": "Cache-Control",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "`no-cache`: skip the cache lookup (a billable call); `no-store`: do not store the answer.",
+        }
+    ],
+}
+
+
+def register_problem_schema(app: FastAPI) -> None:
+    """Add the Problem schema to the OpenAPI components (referenced by every error response)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = {
+            "type": "object",
+            "required": ["type", "title", "status", "detail", "code", "request_id"],
+            "properties": {
+                "type": {"type": "string", "description": "urn:facegate:problem:<code>"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "code": {"type": "string", "description": "Stable error code (README, 'Errors')."},
+                "request_id": {"type": "string"},
+                "retry_after": {"type": "integer", "description": "Seconds, as in the Retry-After header."},
+            },
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

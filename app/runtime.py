@@ -1,0 +1,254 @@
+"""The runtime: everything a running facegate holds, built once at start and closed at stop.
+
+:func:`lifespan` (the app's lifespan, installed by :func:`app.main.create_app`) chooses
+the backends — Redis-backed when ``FACEGATE_REDIS_URL`` is set, in-memory otherwise —
+opens one Redis pool and one httpx client, loads the tenants (and watches the file),
+starts the sandbox simulator when no ailabapi key is configured, and publishes a
+:class:`Runtime` on ``app.state.runtime``. Routes reach it through ``app.api.deps``;
+nothing here knows about routes or HTTP rendering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from app import __version__, redisconn
+from app.cache import CacheBackend, MemoryCache, RedisCache, TieredCache
+from app.intake import IntakeLimits, UploadGate
+from app.limits import Limiter, MemoryLimiter, RedisLimiter
+from app.observability import Metrics
+from app.service import AnalyzeService, ServiceConfig
+from app.settings import Settings
+from app.singleflight import Coordinator, LocalCoordinator, RedisCoordinator
+from app.tenants import Limits, Tenant, TenantRegistry, TenantsFileError, TenantStore, hash_key
+from app.upstream.ailabapi import AilabapiClient
+from app.upstream.guard import Guard, LocalGuard, RedisGuard
+from app.upstream.resilience import CircuitBreaker, ResilientUpstream, RetryPolicy
+
+log = logging.getLogger("facegate")
+
+
+class StartupError(RuntimeError):
+    """A configuration problem found while starting: one line for the operator."""
+
+
+@dataclass
+class Runtime:
+    """Everything the lifespan built; routes reach it through ``app.state.runtime``."""
+
+    settings: Settings
+    tenants: TenantStore
+    service: AnalyzeService
+    metrics: Metrics
+    intake: IntakeLimits
+    uploads: UploadGate
+    redis: aioredis.Redis | None = None
+
+    async def readiness(self) -> dict[str, str]:
+        checks = {
+            "tenants": "ok" if len(self.tenants.registry) else "no tenants configured",
+            "upstream_config": "ok" if self.settings.upstream_api_key or self.settings.sandbox else "no upstream key",
+        }
+        if self.redis is not None:
+            try:
+                async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s * 4)):
+                    await self.redis.ping()
+                checks["redis"] = "ok"
+            except Exception as exc:  # any failure means "not ready", the type says which
+                checks["redis"] = f"unreachable ({type(exc).__name__})"
+        return checks
+
+
+def sandbox_registry(demo_key: str) -> TenantRegistry:
+    """The demo tenant of sandbox mode (answers are simulated, nothing is spent)."""
+    limits = Limits(rate_per_s=10.0, burst=20, daily_quota=1000, monthly_quota=20000)
+    return TenantRegistry({"demo": Tenant("demo", limits)}, {hash_key(demo_key): "demo"})
+
+
+def load_tenants(settings: Settings, demo_key: str | None) -> TenantStore:
+    path = settings.tenants_file
+    if demo_key is not None and settings.sandbox and not path.exists():
+        return TenantStore(None, sandbox_registry(demo_key))
+    try:
+        return TenantStore(path, TenantRegistry.load(path))
+    except TenantsFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
+async def backends(
+    settings: Settings, metrics: Metrics
+) -> tuple[aioredis.Redis | None, CacheBackend, Limiter, Coordinator, Guard]:
+    """Redis-backed when FACEGATE_REDIS_URL is set, in-memory otherwise — chosen once, here."""
+    memory = MemoryCache(settings.cache_memory_max_bytes)
+    local_guard = LocalGuard(settings.upstream_qps, settings.upstream_max_concurrency)
+    if not settings.redis_url:
+        log.warning("FACEGATE_REDIS_URL is not set: in-memory cache and quotas (exact for ONE process only)")
+        return None, memory, MemoryLimiter(), LocalCoordinator(), local_guard
+    client = redisconn.connect(settings)
+    if not await redisconn.warm(client, min(settings.max_uploads_in_flight, 64)):
+        log.warning("redis at start: not answering; continuing without it until it does (fail open)")
+
+    def health() -> redisconn.RedisHealth:
+        # One cool-down per component: a cache lookup that timed out under load must not switch
+        # off the quotas (which fail closed) or the collapsing (which then pays for duplicates).
+        return redisconn.RedisHealth(
+            lambda component: metrics.redis_errors.labels(component).inc(),
+            timeout_s=settings.redis_timeout_s,
+            failures=3,
+        )
+
+    prefix = settings.redis_prefix
+    coordinator = RedisCoordinator(client, health(), prefix, settings.singleflight_lock_ttl_s)
+    coordinator.start()
+    guard = RedisGuard(
+        client,
+        health(),
+        prefix,
+        qps=settings.upstream_qps,
+        max_concurrency=settings.upstream_max_concurrency,
+        lease_s=settings.upstream_timeout_s + 5,
+    )
+    # The local tier is small: it spares Redis round trips on hot images, Redis holds the rest.
+    local = MemoryCache(min(settings.cache_memory_max_bytes, 16 * 1024 * 1024))
+    cache = TieredCache(local, RedisCache(client, health(), prefix, on_error=metrics.cache_errors.inc))
+    return client, cache, RedisLimiter(client, health(), prefix), coordinator, guard
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    closers: list[Any] = []
+    upstream_url = settings.upstream_url
+    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+    if api_key is None:
+        from app import sim
+
+        sim_key = "sandbox-" + uuid.uuid4().hex
+        handle = await sim.start_background("127.0.0.1", 0, sim.SimConfig(api_keys=[sim_key]))
+        closers.append(handle.stop)
+        upstream_url, api_key = handle.url, sim_key
+        log.warning("SANDBOX: no FACEGATE_UPSTREAM_API_KEY, answers come from the built-in simulator at %s", handle.url)
+    tenants = load_tenants(settings, app.state.demo_key)
+    redis_client, cache, limiter, coordinator, guard = await backends(settings, metrics)
+    http = httpx.AsyncClient(
+        limits=httpx.Limits(
+            max_connections=settings.upstream_max_concurrency * 2,
+            max_keepalive_connections=settings.upstream_max_concurrency,
+        ),
+        follow_redirects=False,
+        # Proxy (and CA) variables only for an https upstream: through a CONNECT tunnel the key
+        # stays end-to-end encrypted to the configured origin; a plain-http upstream (the
+        # simulator, a loopback sidecar) must never route the key through a proxy in clear.
+        trust_env=upstream_url.startswith("https://"),
+    )
+    breaker = CircuitBreaker(
+        settings.breaker_failures,
+        settings.breaker_reset_s,
+        on_change=metrics.breaker_changed,
+        probe_timeout_s=settings.upstream_timeout_s + settings.upstream_queue_timeout_s,
+        rate_threshold=settings.breaker_failure_rate,
+        rate_window_calls=settings.breaker_window,
+    )
+
+    def on_attempt(outcome: str, seconds: float) -> None:
+        metrics.upstream_calls.labels(outcome).inc()
+        metrics.upstream_seconds.observe(seconds)
+
+    upstream = ResilientUpstream(
+        AilabapiClient(
+            http,
+            base_url=upstream_url,
+            api_key=api_key,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            billed_error_codes=frozenset(settings.upstream_billed_error_codes),
+        ),
+        guard=guard,
+        breaker=breaker,
+        policy=RetryPolicy(settings.upstream_retries),
+        timeout_s=settings.upstream_timeout_s,
+        queue_timeout_s=settings.upstream_queue_timeout_s,
+        on_attempt=on_attempt,
+    )
+    service = AnalyzeService(
+        config=ServiceConfig(
+            cache_scope=settings.cache_scope,
+            cache_ttl_s=settings.cache_ttl_s,
+            negative_ttl_s=settings.cache_negative_ttl_s,
+            lock_ttl_s=settings.singleflight_lock_ttl_s,
+            follow_timeout_s=settings.upstream_timeout_s + settings.upstream_queue_timeout_s + 5,
+            quota_fail_open=settings.quota_fail_mode == "open",
+        ),
+        cache=cache,
+        limiter=limiter,
+        upstream=upstream,
+        coordinator=coordinator,
+        on_spent=lambda tenant: metrics.credits.labels(tenant).inc(),
+    )
+    rt = Runtime(
+        settings=settings,
+        tenants=tenants,
+        service=service,
+        metrics=metrics,
+        intake=IntakeLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            spool_threshold=settings.spool_threshold_bytes,
+            spool_dir=settings.spool_dir,
+            body_timeout_s=settings.body_timeout_s,
+        ),
+        uploads=UploadGate(settings.max_uploads_in_flight, metrics.uploads_in_flight.set),
+        redis=redis_client,
+    )
+    app.state.runtime = rt
+    watcher = asyncio.get_running_loop().create_task(_watch_tenants(tenants, metrics))
+    _install_sighup(tenants, metrics)
+    log.info(
+        "facegate %s ready: %d tenant(s), upstream %s",
+        __version__,
+        len(tenants.registry),
+        "simulator" if settings.sandbox else "ailabapi",
+    )
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        # uvicorn already gave requests the grace period; flights left now lost their
+        # requesters (cut off or disconnected): a short wait, then they are cancelled and refunded.
+        await service.drain(min(settings.shutdown_grace_s, 5.0))
+        await http.aclose()
+        for close in (coordinator.close, limiter.close, cache.close, guard.close, *reversed(closers)):
+            with contextlib.suppress(Exception):
+                await close()
+        if redis_client is not None:
+            await redis_client.aclose()
+
+
+async def _watch_tenants(store: TenantStore, metrics: Metrics, every_s: float = 1.0) -> None:
+    """Poll the tenants file's stamp: cheap, and works on every filesystem and in ConfigMaps."""
+    while True:
+        await asyncio.sleep(every_s)
+        if store.reload():
+            metrics.tenant_reloads.labels("ok").inc()
+
+
+def _install_sighup(store: TenantStore, metrics: Metrics) -> None:
+    def reload() -> None:
+        if store.reload(force=True):
+            metrics.tenant_reloads.labels("ok").inc()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
