@@ -1,7 +1,7 @@
 """Does a new response schema break clients written against an old one?
 
 schema v1 promises additive change only; this is the check that keeps the
-promise (``tests/unit/test_schema.py`` runs it against the schema as first
+promise (``tests/unit/schema/test_v1.py`` runs it against the schema as first
 published). It judges the schema as a *response* contract, which is stricter
 than the usual "is every old document still valid" test:
 

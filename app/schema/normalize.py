@@ -1,7 +1,7 @@
 """Raw ailabapi JSON -> schema v1, for both answer shapes.
 
 The cache stores ailabapi's raw answer and this runs on every hit, so it builds
-plain dicts and never calls pydantic; ``tests/unit/test_normalize.py`` checks the
+plain dicts and never calls pydantic; ``tests/unit/schema/test_normalize.py`` checks the
 dicts against :class:`app.schema.v1.AnalysisV1` instead.
 
 It is also total: whatever JSON arrives, the result is a v1 dict or an

@@ -3,7 +3,7 @@
 These models are published twice: as the JSON Schema (``v1.schema.json``,
 ``GET /v1/schema``, ``/docs``) and as the typed client's return types. So the
 class docstrings and field descriptions below are user documentation, and any
-change here must be additive (``tests/unit/test_schema.py`` enforces it); a
+change here must be additive (``tests/unit/schema/test_v1.py`` enforces it); a
 breaking change means ``/v2``.
 
 Two rules shape every model: an attribute the upstream did not give is

@@ -16,7 +16,7 @@ from app.schema import v1
 from app.schema.compat import breaking_changes
 from app.schema.labels import LIST, TENCENT
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 COMMITTED = ROOT / "app" / "schema" / "v1.schema.json"
 PUBLISHED = ROOT / "tests" / "schema" / "v1-published.schema.json"
 REGENERATE = ".venv/bin/python -m app.schema.v1 > app/schema/v1.schema.json"

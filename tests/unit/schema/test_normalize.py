@@ -30,7 +30,7 @@ from app.schema.normalize import (
 )
 from app.upstream.contract import Shape, envelope
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "upstream"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "upstream"
 IMAGE = {"sha256": "ab" * 32, "width": 640, "height": 480, "format": "jpeg", "bytes": 4096}
 
 
