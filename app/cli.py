@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from app import __version__
 from app.settings import Settings, describe_error
-from app.tenants import TenantRegistry, TenantsFileError, new_key, paste_line
+from app.tenants import OPERATOR_KEY_PREFIX, TenantRegistry, TenantsFileError, new_key, paste_line
 
 if TYPE_CHECKING:
     from app.client import AnalyzeResult
@@ -178,12 +178,11 @@ def cmd_check(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
-    key = new_key()
+    table = f"operators.{args.operator}" if args.operator else f"tenants.{args.tenant}"
+    key = new_key(OPERATOR_KEY_PREFIX) if args.operator else new_key()
     print(key)
-    print(
-        f"# add under [tenants.{args.tenant}] in your tenants file (the key above is shown only once):", file=sys.stderr
-    )
-    print(f"[tenants.{args.tenant}]", file=sys.stderr)
+    print(f"# add under [{table}] in your tenants file (the key above is shown only once):", file=sys.stderr)
+    print(f"[{table}]", file=sys.stderr)
     print(paste_line(key), file=sys.stderr)
 
 
@@ -384,7 +383,9 @@ def parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="tenant keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="print a new key once, and the line to paste in the tenants file")
-    create.add_argument("--tenant", required=True)
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", help="a tenant key (fg_...)")
+    who.add_argument("--operator", help="an operator (admin) key (fgop_...): /admin routes, purges")
     create.set_defaults(func=cmd_keys_create)
     hashed = keys_sub.add_parser("hash", help="read a key on stdin, print its key_sha256 line")
     hashed.set_defaults(func=cmd_keys_hash)
@@ -421,11 +422,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    if getattr(args, "tenant", None) is not None and args.func is cmd_keys_create:
+    if args.func is cmd_keys_create:
         import re
 
-        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", args.tenant):
-            fail("tenant names are 1-64 letters, digits, '_' or '-'")
+        name = args.operator or args.tenant
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", name):
+            fail(f"{'operator' if args.operator else 'tenant'} names are 1-64 letters, digits, '_' or '-'")
     args.func(args)
 
 

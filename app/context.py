@@ -55,6 +55,8 @@ class RequestContext:
     request_id: str
     route: str = ""
     tenant: str | None = None
+    #: The operator's name on admin requests (then ``tenant`` stays None).
+    operator: str | None = None
     admission: Admission | None = None
     cache: CacheStatus | None = None
     upstream_s: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import compat, ops, problems, try_page, v1
+from app.api import admin, compat, ops, problems, try_page, v1
 from app.api.edge import EdgeMiddleware
 from app.api.openapi import register_problem_schema
 from app.observability import Metrics
@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None, *, demo_key: str | None = None)
     app.include_router(v1.router)
     app.include_router(compat.router)
     app.include_router(ops.router)
+    app.include_router(admin.router)
     app.include_router(try_page.router)  # 404 unless settings.try_page
     problems.install(app)
     app.add_middleware(EdgeMiddleware, metrics=app.state.metrics)

@@ -8,6 +8,7 @@ changes (or on SIGHUP); a broken edit keeps the previous registry and logs why.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -20,9 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from app.audit import audit
+
 log = logging.getLogger("facegate.tenants")
 
 KEY_PREFIX: Final = "fg_"
+#: Operator (admin) keys look different, so a leaked one is recognised (and scanned for) as such.
+OPERATOR_KEY_PREFIX: Final = "fgop_"
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Longest credential looked at; anything longer cannot be a facegate key and is not hashed.
@@ -56,22 +61,38 @@ class Tenant:
     limits: Limits
 
 
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Someone allowed to use the admin routes (``/admin/...``) and purge any tenant's data."""
+
+    name: str
+
+
 def hash_key(key: str) -> str:
     """The stored form of a key. SHA-256 is enough: keys are 256-bit random, not passwords."""
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def new_key() -> str:
-    """A fresh tenant key: ``fg_`` + 32 random bytes, URL-safe."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+def new_key(prefix: str = KEY_PREFIX) -> str:
+    """A fresh key: ``fg_`` (tenants) or ``fgop_`` (operators) + 32 random bytes, URL-safe."""
+    return prefix + secrets.token_urlsafe(32)
 
 
 class TenantRegistry:
     """An immutable snapshot of the tenants file."""
 
-    def __init__(self, tenants: Mapping[str, Tenant], key_owners: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        tenants: Mapping[str, Tenant],
+        key_owners: Mapping[str, str],
+        operators: Mapping[str, str] | None = None,
+    ) -> None:
         self.tenants: dict[str, Tenant] = dict(tenants)
         self._key_owners: dict[str, str] = dict(key_owners)
+        #: Operator key hash -> operator name; separate from tenant keys (a hash is never both).
+        self._operator_keys: dict[str, str] = dict(operators or {})
+        names = sorted(set(self._operator_keys.values()))
+        self.operators: dict[str, Operator] = {name: Operator(name) for name in names}
 
     def __len__(self) -> int:
         return len(self.tenants)
@@ -89,9 +110,26 @@ class TenantRegistry:
         owner = self._key_owners.get(hash_key(key))
         return self.tenants.get(owner) if owner is not None else None
 
+    def authenticate_operator(self, key: str | None) -> Operator | None:
+        """The operator owning ``key``, or None (tenant keys never authenticate here)."""
+        if not key or len(key) > MAX_KEY_LENGTH:
+            return None
+        owner = self._operator_keys.get(hash_key(key))
+        return self.operators.get(owner) if owner is not None else None
+
+    def key_counts(self) -> dict[str, int]:
+        """How many key hashes each tenant and operator (``operator:NAME``) has: what a reload
+        may report about keys (counts, never hashes)."""
+        counts: dict[str, int] = {}
+        for owner in self._key_owners.values():
+            counts[owner] = counts.get(owner, 0) + 1
+        for owner in self._operator_keys.values():
+            counts[f"operator:{owner}"] = counts.get(f"operator:{owner}", 0) + 1
+        return counts
+
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> TenantRegistry:
-        unknown_tables = set(data) - {"defaults", "tenants"}
+        unknown_tables = set(data) - {"defaults", "tenants", "operators"}
         if unknown_tables:
             # A typo like [tenant.x] would otherwise silently leave every tenant out.
             raise TenantsFileError(f"unknown top-level setting(s) {', '.join(sorted(unknown_tables))}")
@@ -127,7 +165,7 @@ class TenantRegistry:
                 if digest.lower() in owners:
                     raise TenantsFileError(f"[tenants.{name}]: a key hash is also used by {owners[digest.lower()]}")
                 owners[digest.lower()] = name
-        return cls(tenants, owners)
+        return cls(tenants, owners, _operators(data.get("operators", {}), owners))
 
     @classmethod
     def load(cls, path: Path) -> TenantRegistry:
@@ -145,6 +183,39 @@ class TenantRegistry:
         except UnicodeDecodeError:
             raise TenantsFileError(f"tenants file {path}: not UTF-8 text") from None
         return cls.parse(data)
+
+
+def _operators(table: Any, tenant_keys: Mapping[str, str]) -> dict[str, str]:
+    """``[operators.NAME] key_sha256 = [...]``: operator key hash -> name."""
+    if not isinstance(table, dict):
+        raise TenantsFileError("[operators] must be a table of operators")
+    owners: dict[str, str] = {}
+    for name, entry in table.items():
+        if not _NAME.match(name):
+            raise TenantsFileError(f"operator name {name!r}: use 1-64 letters, digits, '_' or '-'")
+        if not isinstance(entry, dict):
+            raise TenantsFileError(f"[operators.{name}] must be a table")
+        unknown = set(entry) - {"key_sha256", "disabled"}
+        if unknown:
+            raise TenantsFileError(f"[operators.{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
+        hashes = entry.get("key_sha256", [])
+        if isinstance(hashes, str):
+            hashes = [hashes]
+        if not isinstance(hashes, list) or not hashes:
+            raise TenantsFileError(f"[operators.{name}]: key_sha256 must list at least one key hash")
+        if entry.get("disabled", False) is True:
+            continue
+        for given in hashes:
+            if not isinstance(given, str) or not _HEX64.match(given.lower()):
+                raise TenantsFileError(f"[operators.{name}]: key_sha256 entries must be 64 hex characters")
+            digest = given.lower()
+            if digest in tenant_keys:
+                # One key must never be both: a tenant could then reach the admin routes.
+                raise TenantsFileError(f"[operators.{name}]: a key hash is also a key of tenant {tenant_keys[digest]}")
+            if digest in owners:
+                raise TenantsFileError(f"[operators.{name}]: a key hash is also used by operator {owners[digest]}")
+            owners[digest] = name
+    return owners
 
 
 def _as_dict(limits: Limits) -> dict[str, Any]:
@@ -219,9 +290,54 @@ class TenantStore:
         except Exception as exc:  # the watcher must survive anything a file can do to the parser
             log.error("tenants file reload failed (%s), keeping the previous registry", type(exc).__name__)
             return False
+        changes = registry_changes(self.registry, registry)
         self.registry = registry
         log.info("tenants file reloaded: %d tenant(s)", len(registry))
+        audit("tenants.reload", actor="system", file=str(self.path), **changes)
         return True
+
+
+def registry_changes(old: TenantRegistry, new: TenantRegistry) -> dict[str, Any]:
+    """What a reload changed, by name: tenants and operators added or removed, tenants whose
+    settings changed (which ones), and whose keys changed (counts only, never hashes)."""
+    changed: dict[str, list[str]] = {}
+    for name in sorted(set(old.tenants) & set(new.tenants)):
+        fields = _differences(old.tenants[name], new.tenants[name])
+        if fields:
+            changed[name] = fields
+    old_keys, new_keys = old.key_counts(), new.key_counts()
+    old_ops, new_ops = old._operator_keys, new._operator_keys
+    rotated = sorted(
+        owner
+        for owner in set(old_keys) & set(new_keys)
+        if old_keys[owner] != new_keys[owner]
+        or _owned(old._key_owners if ":" not in owner else old_ops, owner)
+        != _owned(new._key_owners if ":" not in owner else new_ops, owner)
+    )
+    return {
+        "tenants_added": sorted(set(new.tenants) - set(old.tenants)),
+        "tenants_removed": sorted(set(old.tenants) - set(new.tenants)),
+        "tenants_changed": changed,
+        "operators_added": sorted(set(new.operators) - set(old.operators)),
+        "operators_removed": sorted(set(old.operators) - set(new.operators)),
+        "keys_changed": rotated,
+        "key_counts": {owner: new_keys[owner] for owner in rotated},
+    }
+
+
+def _owned(owners: Mapping[str, str], owner: str) -> frozenset[str]:
+    name = owner.split(":", 1)[-1]
+    return frozenset(h for h, o in owners.items() if o == name)
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Names of the (nested dataclass) fields that differ between ``a`` and ``b``."""
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b) and type(a) is type(b):
+        out: list[str] = []
+        for f in dataclasses.fields(a):
+            out += _differences(getattr(a, f.name), getattr(b, f.name), f"{where}{f.name}.")
+        return out
+    return [] if a == b else [where.rstrip(".")]
 
 
 def paste_line(key: str) -> str:

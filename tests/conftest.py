@@ -10,11 +10,12 @@ is flushed.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.tenants import new_key, paste_line
+from app.tenants import OPERATOR_KEY_PREFIX, new_key, paste_line
 from tests.imagegen import make_image
 from tests.servers import RedisServer, ServerProcess, free_port, redis_pings, start_process
 
@@ -154,15 +155,18 @@ class Gateway:
 
 
 def write_tenants(
-    path: Path, tenants: dict[str, dict[str, Any]], defaults: dict[str, Any] | None = None
+    path: Path,
+    tenants: dict[str, dict[str, Any]],
+    defaults: dict[str, Any] | None = None,
+    operators: Sequence[str] = ("ops",),
 ) -> dict[str, str]:
-    """Write a tenants file; returns each tenant's (fresh) key."""
+    """Write a tenants file; returns each tenant's (fresh) key, and each operator's as ``operator:NAME``."""
     keys: dict[str, str] = {}
     lines = ["[defaults]"]
     for k, v in (
         defaults or {"rate_per_s": 1000, "burst": 1000, "daily_quota": 100000, "monthly_quota": 1000000}
     ).items():
-        lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+        lines.append(_toml_line(k, v))
     for name, settings in tenants.items():
         key = settings.get("key") or new_key()
         keys[name] = key
@@ -170,9 +174,22 @@ def write_tenants(
         lines.append(paste_line(key))
         for k, v in settings.items():
             if k != "key":
-                lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+                lines.append(_toml_line(k, v))
+    for name in operators:
+        key = new_key(OPERATOR_KEY_PREFIX)
+        keys[f"operator:{name}"] = key
+        lines += [f"\n[operators.{name}]", paste_line(key)]
     path.write_text("\n".join(lines) + "\n")
     return keys
+
+
+def _toml_line(k: str, v: Any) -> str:
+    """One ``key = value`` line (JSON strings and arrays are valid TOML)."""
+    if isinstance(v, bool):
+        return f"{k} = {'true' if v else 'false'}"
+    if isinstance(v, str | list | tuple):
+        return f"{k} = {json.dumps(list(v) if isinstance(v, tuple) else v)}"
+    return f"{k} = {v!r}"
 
 
 def start_gateway(

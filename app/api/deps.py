@@ -1,22 +1,27 @@
 """What routes depend on, as typed FastAPI dependencies: the runtime, the request context,
-the authenticated tenant and the caller's cache directives.
+the authenticated tenant or operator and the caller's cache directives.
 
-Routes declare what they need (``rt: RuntimeDep``, ``tenant: TenantDep``, ``ctx: ContextDep``)
-and never reach into ``app.state`` or the ASGI scope themselves.
+Routes declare what they need (``rt: RuntimeDep``, ``tenant: TenantDep``, ``ctx: ContextDep``,
+``operator: OperatorDep``, ``caller: CallerDep``) and never reach into ``app.state`` or the ASGI
+scope themselves. Operator (admin) keys and tenant keys are separate: a tenant key never
+authenticates as an operator (403 ``operator_required`` on an operator-only action), an
+operator key never as a tenant.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.context import RequestContext
 from app.errors import Problem
 from app.runtime import Runtime
 from app.service import AnalyzeOptions
-from app.tenants import Tenant
+from app.tenants import Operator, Tenant
 from app.upstream import contract
 
 #: Query parameters people put keys in. A key in a URL ends up in proxy and browser logs.
@@ -47,23 +52,99 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key") or request.headers.get(contract.KEY_HEADER)
 
 
-async def authenticate(request: Request) -> Tenant:
-    """The calling tenant, or a 401 identical for every kind of wrong key."""
+def _refuse_keys_in_query(request: Request) -> None:
     if any(name.lower() in CREDENTIAL_PARAMS for name in request.query_params):
         raise Problem(
             "credentials_in_query",
             "send the key in the Authorization, X-API-Key or ailabapi-api-key header; "
             "a key that was put in a URL may have been logged and should be rotated",
         )
+
+
+def _unauthorized() -> Problem:
+    return Problem(
+        "unauthorized",
+        "send a valid key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        headers={"WWW-Authenticate": 'Bearer realm="facegate"'},
+    )
+
+
+def operator_required(action: str) -> Problem:
+    """The 403 for a valid tenant key on something only an operator may do."""
+    return Problem("operator_required", f"{action} needs an operator key (tenant keys cannot do this)")
+
+
+async def authenticate(request: Request) -> Tenant:
+    """The calling tenant, or a 401 identical for every kind of wrong key."""
+    _refuse_keys_in_query(request)
     tenant = get_runtime(request).tenants.registry.authenticate(presented_key(request))
     if tenant is None:
-        raise Problem(
-            "unauthorized",
-            "send a valid key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-            headers={"WWW-Authenticate": 'Bearer realm="facegate"'},
-        )
+        raise _unauthorized()
     get_context(request).tenant = tenant.name
     return tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling a route open to both kinds of key: exactly one of the two is set."""
+
+    tenant: Tenant | None = None
+    operator: Operator | None = None
+
+    @property
+    def actor(self) -> str:
+        """As the audit log names it: ``operator:NAME`` or ``tenant:NAME``."""
+        if self.operator is not None:
+            return f"operator:{self.operator.name}"
+        assert self.tenant is not None
+        return f"tenant:{self.tenant.name}"
+
+
+def _caller(request: Request) -> Caller | None:
+    _refuse_keys_in_query(request)
+    key = presented_key(request)
+    registry = get_runtime(request).tenants.registry
+    ctx = get_context(request)
+    operator = registry.authenticate_operator(key)
+    if operator is not None:
+        ctx.operator = operator.name
+        return Caller(operator=operator)
+    tenant = registry.authenticate(key)
+    if tenant is not None:
+        ctx.tenant = tenant.name
+        return Caller(tenant=tenant)
+    return None
+
+
+#: The operator key, as the OpenAPI documents it (the same two headers as tenant keys).
+operator_bearer = HTTPBearer(
+    auto_error=False, scheme_name="operatorKey", description="An operator key (`fgop_…`) as a Bearer token."
+)
+operator_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="operatorKeyHeader", description="An operator key (`fgop_…`)."
+)
+
+
+async def authenticate_operator(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(operator_bearer)],
+    _header: Annotated[str | None, Security(operator_header)],
+) -> Operator:
+    """The calling operator; 401 for a missing or unknown key, 403 ``operator_required`` for a tenant key."""
+    caller = _caller(request)
+    if caller is None:
+        raise _unauthorized()
+    if caller.operator is None:
+        raise operator_required("this admin route")
+    return caller.operator
+
+
+async def authenticate_caller(request: Request) -> Caller:
+    """A tenant or an operator (routes that serve both, e.g. usage history); 401 otherwise."""
+    caller = _caller(request)
+    if caller is None:
+        raise _unauthorized()
+    return caller
 
 
 def cache_options(request: Request) -> AnalyzeOptions:
@@ -75,4 +156,6 @@ def cache_options(request: Request) -> AnalyzeOptions:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ContextDep = Annotated[RequestContext, Depends(get_context)]
 TenantDep = Annotated[Tenant, Depends(authenticate)]
+OperatorDep = Annotated[Operator, Depends(authenticate_operator)]
+CallerDep = Annotated[Caller, Depends(authenticate_caller)]
 OptionsDep = Annotated[AnalyzeOptions, Depends(cache_options)]

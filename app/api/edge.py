@@ -108,6 +108,7 @@ class EdgeMiddleware:
             extra={
                 "request_id": ctx.request_id,
                 "tenant": ctx.tenant,
+                "operator": ctx.operator,
                 "route": route,
                 "method": scope["method"],
                 "status": status,

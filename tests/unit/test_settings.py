@@ -90,6 +90,21 @@ def test_keys_create_prints_the_key_once_and_the_line_to_paste(tmp_path: Path) -
     assert hashed.stdout.strip() == f'key_sha256 = ["{hash_key(key)}"]'
 
 
+def test_keys_create_operator_makes_an_admin_key_not_a_tenant_key(tmp_path: Path) -> None:
+    out = run_cli("keys", "create", "--operator", "ops")
+    assert out.returncode == 0
+    key = out.stdout.strip()
+    assert re.fullmatch(r"fgop_[A-Za-z0-9_-]{43}", key)
+    assert "[operators.ops]" in out.stderr
+    (tmp_path / "tenants.toml").write_text(out.stderr.split("\n", 1)[1])
+    registry = TenantRegistry.load(tmp_path / "tenants.toml")
+    operator = registry.authenticate_operator(key)
+    assert operator is not None and operator.name == "ops"
+    assert registry.authenticate(key) is None
+    assert run_cli("keys", "create", "--operator", "a b").returncode == 2
+    assert run_cli("keys", "create", "--operator", "x", "--tenant", "y").returncode == 2
+
+
 def test_check_validates_and_prints_effective_config(tmp_path: Path) -> None:
     (tmp_path / "tenants.toml").write_text(f'[tenants.a]\nkey_sha256 = ["{hash_key("x")}"]\n')
     out = run_cli("check", env={"FACEGATE_UPSTREAM_API_KEY": "very-secret"}, cwd=tmp_path)

@@ -10,6 +10,7 @@ import pytest
 
 from app.tenants import (
     DEFAULT_LIMITS,
+    OPERATOR_KEY_PREFIX,
     Limits,
     TenantRegistry,
     TenantsFileError,
@@ -169,3 +170,70 @@ def test_forced_reload_sees_an_edit_that_kept_size_and_mtime(tmp_path: Path) -> 
 def test_load_errors_name_the_file_not_a_traceback(tmp_path: Path) -> None:
     with pytest.raises(TenantsFileError, match="not found"):
         TenantRegistry.load(tmp_path / "missing.toml")
+
+
+# --- operators (admin keys) ---------------------------------------------------------------
+
+OP1 = new_key(OPERATOR_KEY_PREFIX)
+
+
+def test_operators_authenticate_apart_from_tenants() -> None:
+    reg = parse(
+        f"[tenants.a]\n{paste_line(K1)}\n[operators.ops]\n{paste_line(OP1)}\n[operators.old]\n{paste_line(K3)}\n"
+    )
+    assert OP1.startswith("fgop_")
+    assert reg.authenticate_operator(OP1) is reg.operators["ops"]
+    assert reg.authenticate(OP1) is None, "an operator key is no tenant key"
+    assert reg.authenticate_operator(K1) is None, "a tenant key is no operator key"
+    assert reg.authenticate_operator(None) is None
+    assert reg.authenticate_operator("x" * 10_000) is None
+    assert sorted(reg.operators) == ["old", "ops"]
+    assert len(reg) == 1, "operators are not tenants"
+
+
+def test_disabled_operator_cannot_authenticate() -> None:
+    reg = parse(f"[operators.ops]\n{paste_line(OP1)}\ndisabled = true\n")
+    assert reg.authenticate_operator(OP1) is None
+    assert reg.operators == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"[tenants.a]\n{paste_line(K1)}\n[operators.ops]\n{paste_line(K1)}\n", "also a key of tenant a"),
+        (f"[operators.x]\n{paste_line(K1)}\n[operators.y]\n{paste_line(K1)}\n", "also used by operator x"),
+        ("[operators.ops]\nkey_sha256 = []\n", "at least one key hash"),
+        (f"[operators.ops]\n{paste_line(K1)}\ndaily_quota = 1\n", "unknown setting(s) daily_quota"),
+        (f'[operators."a b"]\n{paste_line(K1)}\n', "operator name"),
+        ("operators = 1\n", "[operators] must be a table"),
+    ],
+)
+def test_bad_operator_tables_are_refused(text: str, message: str) -> None:
+    with pytest.raises(TenantsFileError) as err:
+        parse(text)
+    assert message in str(err.value)
+
+
+def test_reload_is_audited_by_name_without_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tenants.toml"
+    write(path, f"[tenants.a]\n{paste_line(K1)}\n[tenants.b]\n{paste_line(K2)}\n")
+    store = TenantStore(path, TenantRegistry.load(path))
+    write(
+        path,
+        f"[tenants.a]\n{paste_line(K3)}\ndaily_quota = 7\n[tenants.c]\n{paste_line(K2)}\n"
+        f"[operators.ops]\n{paste_line(OP1)}\n",
+    )
+    with caplog.at_level(logging.INFO, logger="facegate.audit"):
+        assert store.reload() is True
+    (record,) = [r for r in caplog.records if r.name == "facegate.audit"]
+    assert record.action == "tenants.reload"  # type: ignore[attr-defined]
+    assert record.actor == "system"  # type: ignore[attr-defined]
+    details = record.details  # type: ignore[attr-defined]
+    assert details["tenants_added"] == ["c"]
+    assert details["tenants_removed"] == ["b"]
+    assert details["tenants_changed"] == {"a": ["limits.daily_quota"]}
+    assert details["operators_added"] == ["ops"]
+    assert details["keys_changed"] == ["a"], "a's key was rotated (same count, another hash)"
+    text = repr(record.__dict__)
+    for secret in (K1, K2, K3, OP1, hash_key(K1), hash_key(K2), hash_key(K3), hash_key(OP1)):
+        assert secret not in text
