@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 		{ echo "facegate needs Python >= 3.11; found: $$($(PYTHON) --version 2>&1). Set PYTHON=python3.11"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,sandbox]"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -46,7 +46,7 @@ lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=24"
-	.lock-venv/bin/python -m pip install --quiet ".[dev]"
+	.lock-venv/bin/python -m pip install --quiet ".[dev,sandbox]"
 	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^facegate' > constraints.txt
 	rm -rf .lock-venv
 

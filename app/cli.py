@@ -199,6 +199,8 @@ def cmd_sim(args: argparse.Namespace) -> None:
     argv = ["--host", args.host, "--port", str(args.port)]
     if args.shape:
         argv += ["--shape", args.shape]
+    if args.faces:
+        argv += ["--faces", args.faces]
     sim.main(argv)
 
 
@@ -394,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8081)
     sim.add_argument("--shape", choices=["tencent", "list"])
+    sim.add_argument("--faces", choices=["detect", "hash"], help="face boxes from a detector or the image hash")
     sim.set_defaults(func=cmd_sim)
 
     usage = sub.add_parser("usage", help="print tenants' limits and usage (reads Redis)")

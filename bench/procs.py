@@ -144,7 +144,7 @@ def tree_cpu_seconds(pid: int) -> float:
 class Sim:
     def __init__(self, workdir: Path) -> None:
         port = free_port()
-        argv = [PY, "-m", "app.sim", "--port", str(port), "--key", SIM_KEY]
+        argv = [PY, "-m", "app.sim", "--port", str(port), "--key", SIM_KEY, "--faces", "hash"]
         self.server = Server("sim", argv, clean_env(), port, workdir).wait_ready()
         self.url = self.server.url
 

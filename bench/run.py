@@ -141,7 +141,7 @@ def markdown(b: Bench, command: str, facts: list[tuple[str, str]], started: date
     parts += [
         "- gateway under test: `python -m app serve` (one uvicorn worker, as in production), "
         "`FACEGATE_LOG_LEVEL=warning` unless the line says `log info` (one JSON access-log line per request), "
-        "`FACEGATE_LOG_FORMAT=json`, upstream = the simulator (`python -m app.sim`) on loopback, "
+        "`FACEGATE_LOG_FORMAT=json`, upstream = the simulator (`python -m app.sim --faces hash`) on loopback, "
         f"Redis: {b.redis_note}",
         "",
         f"## Results ({passed}/{len(verdicts)} targets met)",

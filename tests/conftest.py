@@ -109,7 +109,9 @@ class Sim:
 @pytest.fixture(scope="session")
 def sim_server() -> Iterator[ServerProcess]:
     port = free_port()
-    with start_process([PY, "-m", "app.sim", "--port", str(port), "--key", SIM_KEY], None, port) as server:
+    with start_process(
+        [PY, "-m", "app.sim", "--port", str(port), "--key", SIM_KEY, "--faces", "hash"], None, port
+    ) as server:
         yield server
 
 

@@ -1,9 +1,11 @@
-"""The try-it page: ``GET /try`` and its two assets, straight from ``app/static``.
+"""The try-it page: ``GET /try`` and its assets, straight from ``app/static``.
 
 A person with a tenant key can check facegate in a browser without writing code. The
 page is plain HTML + one script + one stylesheet (no build step, no CDN: the gateway
 may run where there is no internet). It calls the public v1 API from the browser, so it
-holds no privilege of its own; the key lives only in the page's memory.
+holds no privilege of its own; the key lives only in the page's memory. A public-domain
+sample photo (``/try/sample.jpg``, licence in ``app/static/README.md``) makes the first try
+work without a picture of one's own.
 
 Security: a strict Content-Security-Policy (scripts and styles only from this origin, no
 inline code, fetches only to this origin, no framing), ``nosniff``, no referrer. The
@@ -40,6 +42,7 @@ ASSETS: Final = {
     "try.html": "text/html; charset=utf-8",
     "try.js": "text/javascript; charset=utf-8",
     "try.css": "text/css; charset=utf-8",
+    "sample.jpg": "image/jpeg",
 }
 
 router = APIRouter(include_in_schema=False)
@@ -69,3 +72,8 @@ async def try_script(request: Request) -> Response:
 @router.get("/try/try.css")
 async def try_style(request: Request) -> Response:
     return _serve(request, "try.css")
+
+
+@router.get("/try/sample.jpg")
+async def try_sample(request: Request) -> Response:
+    return _serve(request, "sample.jpg")

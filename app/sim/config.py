@@ -48,6 +48,10 @@ class SimConfig(BaseSettings):
     fault_seed: int = 0
     #: How long shutdown waits for hung calls before cancelling them.
     shutdown_grace_s: int = Field(1, ge=0)
+    #: Where the faces come from: ``detect`` = a real face detector (the ``sandbox`` extra;
+    #: without it, the hash, said once at start), ``hash`` = laid out from the image's hash
+    #: (what the test suite and the benchmarks use: their noise images hold no faces).
+    faces: Literal["detect", "hash"] = "detect"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -37,7 +37,8 @@ async def _parse(request: Request, model: type[FaultPlan] | type[Limits]) -> Fau
 
 
 async def healthz(request: Request) -> Response:
-    return _json({"status": "ok"})
+    # ``faces`` says where boxes come from: "detector" (real faces) or "hash".
+    return _json({"status": "ok", "faces": "hash" if sim_of(request).detector is None else "detector"})
 
 
 async def stats(request: Request) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
@@ -10,10 +11,11 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.sim.body import pause, read_image
-from app.sim.config import NO_FACE_MESSAGE, SHAPE_HEADER
-from app.sim.faces import faces, list_data, tencent_face
+from app.sim.config import MAX_FACES, NO_FACE_MESSAGE, SHAPE_HEADER
+from app.sim.detect import Found, YuNet
+from app.sim.faces import detected_faces, faces, list_data, tencent_face
 from app.sim.faults import Fault
-from app.sim.picture import inspect
+from app.sim.picture import Picture, inspect
 from app.sim.replies import ClientGone, Refusal, Reply, envelope, error_reply, json_reply
 from app.sim.state import Sim
 from app.upstream import contract
@@ -95,7 +97,7 @@ class Analyze:
 
     async def _analyze(self, data: bytes, digest: str, headers: Headers, receive: Receive) -> Reply:
         async with self.sim.decode_slots:
-            picture = await asyncio.to_thread(inspect, data)
+            picture, seen = await asyncio.to_thread(_look, data, self.sim.detector)
         directive = picture.directive
         await pause(directive.latency_ms / 1000, receive, self.sim.wake)
         if directive.error:
@@ -104,12 +106,15 @@ class Analyze:
         shape = directive.shape or headers.get(SHAPE_HEADER) or self.sim.config.shape
         if shape not in ("tencent", "list"):
             raise Refusal("ERROR_INVALID_PARAMETER", f"{SHAPE_HEADER} must be tencent or list")
-        count = directive.faces
-        if count is None:
-            count = 1 if min(picture.width, picture.height) >= contract.MIN_FACE_SIDE else 0
-        if count == 0:
+        if seen is not None:  # the detector looked (no directive said how many)
+            found = detected_faces(digest, seen[:MAX_FACES])
+        else:
+            count = directive.faces
+            if count is None:
+                count = 1 if min(picture.width, picture.height) >= contract.MIN_FACE_SIDE else 0
+            found = faces(digest, count, picture.width, picture.height) if count else []
+        if not found:
             raise Refusal("ERROR_NO_FACE_IN_FILE", NO_FACE_MESSAGE)
-        found = faces(digest, count, picture.width, picture.height)
         body: dict[str, Any] = {
             **envelope(),
             "image_width": picture.width,
@@ -120,3 +125,15 @@ class Analyze:
         else:
             body["face_detail_infos"] = [tencent_face(face) for face in found]
         return json_reply(200, body, "OK")
+
+
+def _look(data: bytes, detector: YuNet | None) -> tuple[Picture, list[Found] | None]:
+    """Judge the image and, when a detector is on and no directive decides, find its faces.
+
+    One worker-thread call: the detector works on the small copy the same decode made.
+    """
+    picture = inspect(data, keep_pixels=detector is not None)
+    if detector is None or picture.pixels is None:
+        return picture, None
+    found = detector.find(picture.pixels, picture.width, picture.height)
+    return dataclasses.replace(picture, pixels=None), found

@@ -1,8 +1,10 @@
 """What the simulator "sees" in an image (one ``Face`` truth per person) and the two ailabapi
 answer shapes rendered from it, so either shape describes the same people.
 
-Attributes derive from sha256(image bytes): a repeated image gets the same analysis, which
-is what makes cache and single-flight tests meaningful.
+Where the faces are comes from the detector (``detect.py``) when it runs, else from the
+image's hash (one face per grid cell). Every attribute derives from sha256(image bytes):
+a repeated image gets the same analysis, which is what makes cache and single-flight
+tests meaningful. Age, gender, emotion and the rest are never estimated from the pixels.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
 from app.sim.config import DENSE_FEATURE_LENGTH, LANDMARK_COUNT, rng
+from app.sim.detect import Box, Found, Point
 from app.upstream import contract
 
 _ENUMS: Final[dict[str, Any]] = json.loads(
@@ -30,7 +34,7 @@ class Face:
     """What the simulator "sees" in one face, before either shape encodes it."""
 
     seed: str
-    box: tuple[int, int, int, int]  # left, top, width, height
+    box: Box
     gender: str
     age: int
     beauty: int
@@ -43,6 +47,8 @@ class Face:
     pitch: float
     roll: float
     confidence: float
+    #: Eye centres when a detector found the face (list shape's pupils sit on them).
+    eyes: tuple[Point, Point] | None = None
 
 
 def _labels(table: dict[str, str]) -> list[str]:
@@ -58,7 +64,7 @@ def _mostly_first(rand: random.Random, labels: list[str]) -> str:
     return rand.choices(labels, weights=[len(labels) * 2] + [1] * (len(labels) - 1))[0]
 
 
-def _layout(digest: str, n: int, width: int, height: int) -> list[tuple[int, int, int, int]]:
+def _layout(digest: str, n: int, width: int, height: int) -> list[Box]:
     """One face per grid cell, so faces never overlap and stay >= MIN_FACE_SIDE when cells allow."""
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -76,12 +82,21 @@ def _layout(digest: str, n: int, width: int, height: int) -> list[tuple[int, int
 
 def faces(digest: str, n: int, width: int, height: int) -> list[Face]:
     """``n`` faces for the image with this sha256, laid out on a grid; the same image, the same faces."""
-    found = []
-    for i, box in enumerate(_layout(digest, n, width, height)):
+    return _people(digest, [(box, None) for box in _layout(digest, n, width, height)])
+
+
+def detected_faces(digest: str, found: Sequence[Found]) -> list[Face]:
+    """The faces a detector found: their boxes, scores and eyes; attributes from the hash."""
+    return _people(digest, [(face.box, face) for face in found])
+
+
+def _people(digest: str, where: list[tuple[Box, Found | None]]) -> list[Face]:
+    people = []
+    for i, (box, seen) in enumerate(where):
         seed = f"{digest}:{i}"
         rand = rng(seed)
         emotion = rand.choice(_labels(_TENCENT["emotion"]))
-        found.append(
+        people.append(
             Face(
                 seed=seed,
                 box=box,
@@ -96,10 +111,11 @@ def faces(digest: str, n: int, width: int, height: int) -> list[Face]:
                 yaw=round(rand.uniform(-30, 30), 2),
                 pitch=round(rand.uniform(-30, 30), 2),
                 roll=round(rand.uniform(-30, 30), 2),
-                confidence=round(rand.uniform(0.9, 1.0), 4),
+                confidence=seen.score if seen else round(rand.uniform(0.9, 1.0), 4),
+                eyes=seen.eyes if seen else None,
             )
         )
-    return found
+    return people
 
 
 def tencent_face(face: Face) -> dict[str, Any]:
@@ -167,8 +183,11 @@ def list_data(found: list[Face]) -> dict[str, Any]:
         data["masks"].append(_code(_LIST["masks"], mask))
         data["beauty_list"].append(face.beauty)
         data["pose_list"] += [face.yaw, face.pitch, face.roll]
-        for centre in (0.32, 0.68):
+        for eye, centre in enumerate((0.32, 0.68)):
             radius = round(w * rand.uniform(0.03, 0.05), 2)
+            if face.eyes is not None:
+                data["pupils"] += [round(face.eyes[eye][0], 2), round(face.eyes[eye][1], 2), radius]
+                continue
             data["pupils"] += [
                 round(x + w * (centre + rand.uniform(-0.03, 0.03)), 2),
                 round(y + h * rand.uniform(0.38, 0.45), 2),

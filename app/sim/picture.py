@@ -11,6 +11,7 @@ from typing import Final
 from PIL import Image
 
 from app.sim.config import DIRECTIVE_MARK, MAX_FACES
+from app.sim.detect import DETECT_MAX_SIDE, shrink
 from app.sim.replies import Refusal
 from app.upstream import contract
 
@@ -41,15 +42,25 @@ class Picture:
     width: int
     height: int
     directive: Directive
+    #: An RGB copy at most DETECT_MAX_SIDE on its longest side, when asked for and the
+    #: directive leaves the faces to the detector.
+    pixels: Image.Image | None = None
 
 
-def inspect(data: bytes) -> Picture:
+def inspect(data: bytes, *, keep_pixels: bool = False) -> Picture:
     """Judge the image as ailabapi would; runs in a worker thread (decoding is CPU work).
 
     Sides are checked from the header before ``load()``, so a decompression bomb is
     refused without allocating its pixels. Pillow's global MAX_IMAGE_PIXELS is left
     alone: in sandbox mode this runs inside the gateway, which owns that setting.
+    With ``keep_pixels`` the same decode also yields the detector's small copy.
     """
+    # Parsed first (it decides whether pixels are needed), refused last, as always.
+    try:
+        directive: Directive | Refusal = parse_directive(data)
+    except Refusal as err:
+        directive = err
+    detect = keep_pixels and isinstance(directive, Directive) and directive.faces is None and not directive.error
     try:
         img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -71,15 +82,19 @@ def inspect(data: bytes) -> Picture:
             raise Refusal("ERROR_UNSUPPORTED_GRAYSCALE_IMAGE")
         if fmt == "jpeg":
             # libjpeg still entropy-decodes everything (so truncation is caught) but
-            # allocates 1/64 of the pixels.
-            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            # allocates 1/64 of the pixels (or just enough for the detector).
+            scale = min(1.0, DETECT_MAX_SIDE / max(width, height)) if detect else 1 / 8
+            img.draft(img.mode, (max(1, int(width * scale)), max(1, int(height * scale))))
         try:
             img.load()
         except Exception:
             raise Refusal("FILE_DECODING_FAILURE") from None
         if contract.REFUSE_GRAYSCALE and img.mode == "P" and _gray_palette(img):
             raise Refusal("ERROR_UNSUPPORTED_GRAYSCALE_IMAGE")
-    return Picture(fmt, width, height, parse_directive(data))
+        if isinstance(directive, Refusal):
+            raise directive
+        pixels = shrink(img) if detect else None
+    return Picture(fmt, width, height, directive, pixels)
 
 
 def _gray_palette(img: Image.Image) -> bool:

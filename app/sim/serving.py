@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=int)
     parser.add_argument("--qps", type=float)
     parser.add_argument("--max-concurrency", type=int)
+    parser.add_argument(
+        "--faces", choices=["detect", "hash"], help="face boxes from a detector (default) or the image's hash"
+    )
     args = parser.parse_args(argv)
     given = {
         "shape": args.shape,
@@ -154,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "latency_ms": args.latency_ms,
         "qps": args.qps,
         "max_concurrency": args.max_concurrency,
+        "faces": args.faces,
     }
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     serve(args.host, args.port, SimConfig(**{k: v for k, v in given.items() if v is not None}))

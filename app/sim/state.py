@@ -10,6 +10,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.sim import detect
 from app.sim.config import SimConfig, rng
 from app.sim.faults import Fault, FaultPlan, Limits
 from app.sim.replies import Refusal, Reply
@@ -57,6 +58,8 @@ class Sim:
         self.wake = asyncio.Event()
         self.admitted = 0
         self.stats = Stats()
+        #: None: faces are placed by the image's hash.
+        self.detector = detect.load() if config.faces == "detect" else None
         self.reset()
 
     def reset(self) -> None:

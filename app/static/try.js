@@ -74,6 +74,19 @@
 
   fileInput.addEventListener("change", () => pick(fileInput.files && fileInput.files[0]));
 
+  // The shipped public-domain portrait, so the first try needs no picture of your own.
+  $("sample").addEventListener("click", async () => {
+    hide($("error"));
+    try {
+      const response = await fetch("try/sample.jpg", { credentials: "omit", referrerPolicy: "no-referrer" });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const blob = await response.blob();
+      pick(new File([blob], "sample.jpg", { type: "image/jpeg" }));
+    } catch (_) {
+      showError({ title: "No sample", detail: "The sample photo could not be loaded from this facegate." });
+    }
+  });
+
   ["dragenter", "dragover"].forEach((type) =>
     drop.addEventListener(type, (event) => {
       event.preventDefault();

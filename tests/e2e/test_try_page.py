@@ -24,6 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import Gateway, Sim, unique_image
+from tests.photos import MIN_IOU, iou, photo, truth
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = (
@@ -143,6 +144,40 @@ def test_try_page_draws_boxes_and_tables(browser: Chrome, gateway: Gateway, sim:
     assert stored == [0, 0, ""]
 
 
+def test_try_with_the_sample_draws_a_box_on_the_face(browser: Chrome, gateway_factory: Any, tmp_path: Path) -> None:
+    """The first click of a new user: `make run` (sandbox mode, real detector), key, "Try with a sample"."""
+    pytest.importorskip("cv2", reason="the sandbox extra is not installed: pip install -e '.[sandbox]'")
+    gw: Gateway = gateway_factory(sim=None)
+    browser.get_log("browser")
+    browser.get(gw.url + "/try")
+    assert "public domain" in browser.find_element(By.CSS_SELECTOR, ".sample .credit").text
+    browser.find_element(By.ID, "key").send_keys(gw.key())
+    browser.find_element(By.ID, "sample").click()
+
+    boxes: list[WebElement] = _wait(
+        browser, "a face box", lambda d: (b := d.find_elements(By.CSS_SELECTOR, "#boxes .face-box")) and b
+    )
+    assert len(boxes) == 1
+    raw = json.loads(browser.find_element(By.ID, "raw").get_attribute("textContent") or "")
+    assert raw["source"]["provider"] == "simulator"
+    assert (raw["image"]["width"], raw["image"]["height"]) == (512, 512)
+    img = browser.find_element(By.ID, "preview")
+    _wait(browser, "the preview to load", lambda d: d.execute_script("return arguments[0].naturalWidth", img) > 0)
+    browser.save_screenshot(str(tmp_path / "try-sample.png"))
+    # The box as drawn on the screen, back in the photo's pixels, covers her face.
+    scale = img.rect["width"] / raw["image"]["width"]
+    r = boxes[0].rect
+    drawn = (
+        round((r["x"] - img.rect["x"]) / scale),
+        round((r["y"] - img.rect["y"]) / scale),
+        round(r["width"] / scale),
+        round(r["height"] / scale),
+    )
+    face = truth("astronaut.jpg")[0]
+    assert iou(drawn, face) >= MIN_IOU, (drawn, face)
+    assert _browser_errors(browser) == []
+
+
 def test_try_page_fits_a_phone(browser: Chrome, gateway: Gateway, sim: Sim, tmp_path: Path) -> None:
     image = tmp_path / "one-face.png"
     image.write_bytes(unique_image("png", 900, 600, sim="faces=1"))
@@ -193,6 +228,9 @@ def test_try_page_headers_are_strict(gateway: Gateway) -> None:
     assert page.headers["x-content-type-options"] == "nosniff"
     assert "<script>" not in page.text
     assert not re.search(r"\son[a-z]+=", page.text)
+    sample = httpx.get(gateway.url + "/try/sample.jpg", timeout=10)
+    assert sample.headers["content-type"] == "image/jpeg"
+    assert sample.content == photo("astronaut.jpg")  # the photo whose true face tests/fixtures records
     script = httpx.get(gateway.url + "/try/try.js", timeout=10)
     assert script.headers["content-type"].startswith("text/javascript")
     unsafe = re.compile(
@@ -203,7 +241,7 @@ def test_try_page_headers_are_strict(gateway: Gateway) -> None:
 
 def test_try_page_off_is_404(gateway_factory: Any) -> None:
     gw: Gateway = gateway_factory(env={"FACEGATE_TRY_PAGE": "false"})
-    for path in ("/try", "/try/try.js", "/try/try.css"):
+    for path in ("/try", "/try/try.js", "/try/try.css", "/try/sample.jpg"):
         response = httpx.get(gw.url + path, timeout=10)
         assert response.status_code == 404
         assert response.headers["content-type"] == "application/problem+json"

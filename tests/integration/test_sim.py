@@ -46,7 +46,19 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def sim_url() -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "app.sim", "--port", str(port), "--key", KEY, "--key", "second-key"]
+    argv = [
+        sys.executable,
+        "-m",
+        "app.sim",
+        "--port",
+        str(port),
+        "--key",
+        KEY,
+        "--key",
+        "second-key",
+        "--faces",
+        "hash",
+    ]
     server = start_process(argv, {}, port)
     try:
         yield server.url
@@ -689,7 +701,7 @@ async def _post(http: httpx.AsyncClient, url: str, image: bytes) -> httpx.Respon
 
 async def test_start_background_on_port_zero(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    sim = await start_background(port=0, config=SimConfig(shape="list"))
+    sim = await start_background(port=0, config=SimConfig(shape="list", faces="hash"))
     try:
         assert not sim.url.endswith(":0")
         async with httpx.AsyncClient(timeout=5) as http:
@@ -707,7 +719,7 @@ async def test_start_background_on_port_zero(caplog: pytest.LogCaptureFixture) -
 
 
 async def test_background_concurrency_limit() -> None:
-    config = SimConfig(max_concurrency=1, latency_ms=200, retry_after_on_throttle=True)
+    config = SimConfig(max_concurrency=1, latency_ms=200, retry_after_on_throttle=True, faces="hash")
     async with BackgroundSim(config=config) as sim, httpx.AsyncClient(timeout=5) as http:
         image = make_image()
         first, second = await asyncio.gather(_post(http, sim.url, image), _post(http, sim.url, image))
@@ -719,7 +731,7 @@ async def test_background_concurrency_limit() -> None:
 
 
 async def test_background_qps_limit_and_runtime_limits() -> None:
-    async with BackgroundSim(config=SimConfig(qps=1)) as sim, httpx.AsyncClient(timeout=5) as http:
+    async with BackgroundSim(config=SimConfig(qps=1, faces="hash")) as sim, httpx.AsyncClient(timeout=5) as http:
         image = make_image()
         assert (await _post(http, sim.url, image)).status_code == 200
         refused = await _post(http, sim.url, image)
@@ -733,7 +745,7 @@ async def test_background_qps_limit_and_runtime_limits() -> None:
 
 
 async def test_stop_releases_hung_calls() -> None:
-    sim = await start_background()
+    sim = await start_background(config=SimConfig(faces="hash"))
     try:
         async with httpx.AsyncClient(timeout=5) as http:
             await http.post(sim.url + "/_sim/faults", json={"faults": [{"mode": "hang"}]})
