@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -51,6 +51,9 @@ class CacheBackend(Protocol):
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete these keys; how many existed (deletion by hash, purges)."""
 
     async def close(self) -> None: ...
 
@@ -98,6 +101,18 @@ class MemoryCache:
         if key in self._data:
             self._drop(key)
 
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        found = 0
+        for key in keys:
+            if key in self._data:
+                found += self._clock() < self._data[key][1]  # an expired leftover was not "held"
+                self._drop(key)
+        return found
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
     def _drop(self, key: str) -> None:
         value, _ = self._data.pop(key)
         self.bytes -= self._cost(key, value)
@@ -106,8 +121,7 @@ class MemoryCache:
         return len(self._data)
 
     async def close(self) -> None:
-        self._data.clear()
-        self.bytes = 0
+        self.clear()
 
 
 class RedisCache:
@@ -154,6 +168,22 @@ class RedisCache:
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._r.delete(self._prefix + key))
 
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """One DEL per key in a pipeline (each key is its own Cluster slot), 500 at a time."""
+        found = 0
+        for start in range(0, len(keys), 500):
+            batch = keys[start : start + 500]
+
+            async def op(batch: Sequence[str] = batch) -> list[Any]:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for key in batch:
+                        pipe.delete(self._prefix + key)
+                    result: list[Any] = await pipe.execute()
+                    return result
+
+            found += sum(int(n) for n in await self._run(op))
+        return found
+
     async def close(self) -> None:
         return None
 
@@ -161,31 +191,57 @@ class RedisCache:
 class TieredCache:
     """A small per-process LRU in front of Redis.
 
-    Entries are content-addressed and never change meaning, so a local copy cannot be
-    stale in a harmful way; it saves a round trip on hot images and keeps serving them
-    while Redis is down.
+    Entries are content-addressed and never change meaning, so a local copy is never
+    stale — except after a *deletion* (``DELETE /v1/faces/analyses/...``, purges): every
+    replica then drops its copy when told (``app.purge``). A replica that cannot be told
+    (its invalidation subscription is down) must not serve local copies: the invalidator
+    switches the tier off (``local_enabled = False``, emptied) until it hears again. It
+    saves a round trip on hot images and keeps serving them through a Redis stall.
     """
 
     def __init__(self, local: MemoryCache, shared: CacheBackend) -> None:
         self.local = local
         self.shared = shared
+        self.local_enabled = True
+        #: Bumped by every drop: a Redis read that started before a drop must not refill the tier.
+        self._drops = 0
+
+    def enable_local(self, enabled: bool) -> None:
+        """Switch the local tier on or off; off also empties it (its copies may be stale then)."""
+        if not enabled:
+            self.local.clear()
+            self._drops += 1
+        self.local_enabled = enabled
+
+    async def drop_local(self, keys: Sequence[str]) -> None:
+        """Forget local copies of ``keys`` (another replica deleted them)."""
+        self._drops += 1
+        await self.local.delete_many(keys)
 
     async def get(self, key: str) -> tuple[bytes, float] | None:
-        found = await self.local.get(key)
-        if found is not None:
-            return found
+        if self.local_enabled:
+            found = await self.local.get(key)
+            if found is not None:
+                return found
+        drops = self._drops
         found = await self.shared.get(key)
-        if found is not None and found[1] > 0:
+        if found is not None and found[1] > 0 and self.local_enabled and drops == self._drops:
             await self.local.set(key, found[0], found[1])
         return found
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self.local.set(key, value, ttl_s)
+        if self.local_enabled:
+            await self.local.set(key, value, ttl_s)
         await self.shared.set(key, value, ttl_s)
 
     async def delete(self, key: str) -> None:
         await self.local.delete(key)
         await self.shared.delete(key)
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        local = await self.local.delete_many(keys)
+        shared = await self.shared.delete_many(keys)
+        return max(local, shared)
 
     async def close(self) -> None:
         await self.local.close()

@@ -1,4 +1,4 @@
-"""``facegate``: serve | sim | check | keys | usage | analyze.
+"""``facegate``: serve | sim | check | keys | usage | purge | analyze.
 
 Configuration errors end the command with one line on stderr and exit code 2 —
 never a traceback, never a secret.
@@ -23,6 +23,7 @@ from app.tenants import OPERATOR_KEY_PREFIX, TenantRegistry, TenantsFileError, n
 
 if TYPE_CHECKING:
     from app.client import AnalyzeResult
+    from app.purge import Purged
     from app.schema.v1 import AnalysisV1
 
 
@@ -209,6 +210,68 @@ def cmd_usage(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     asyncio.run(print_usage(settings, args.tenant, as_json=args.json))
+
+
+def cmd_purge(args: argparse.Namespace) -> None:
+    import re
+
+    if args.sha256 is None and args.tenant is None:
+        fail("give --tenant NAME (everything of a tenant), --sha256 HASH (one image everywhere), or both")
+    if args.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", args.sha256):
+        fail("--sha256 must be 64 lowercase hex characters")
+    if args.tenant is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", args.tenant):
+        fail("tenant names are 1-64 letters, digits, '_' or '-'")
+    settings = load_settings()
+    if not settings.redis_url:
+        fail(
+            "without FACEGATE_REDIS_URL the cache lives in the serving process: ask it "
+            "(DELETE /admin/tenants/NAME/analyses or /admin/analyses/HASH with an operator key)"
+        )
+    try:
+        done = asyncio.run(_purge(settings, args.tenant, args.sha256))
+    except _Unreachable:
+        fail("Redis is unreachable; nothing is promised, run it again", 1)
+    print(
+        json.dumps(
+            {"deleted": done.deleted, "replicas": {"told": done.delivery.told, "confirmed": done.delivery.confirmed}}
+        )
+    )
+
+
+class _Unreachable(Exception):
+    pass
+
+
+async def _purge(settings: Settings, tenant: str | None, sha256: str | None) -> Purged:
+    """The same deletion the admin routes do, straight on Redis; replicas are told and confirm."""
+    import getpass
+
+    from app import redisconn
+    from app.cache import CacheError, RedisCache
+    from app.purge import Purger, RedisIndex, RedisInvalidator
+
+    client = redisconn.connect(settings)
+    health = redisconn.RedisHealth(timeout_s=5.0)
+    prefix = settings.redis_prefix
+    purger = Purger(
+        RedisCache(client, health, prefix), RedisIndex(client, health, prefix), RedisInvalidator(client, prefix)
+    )
+    actor = f"cli:{getpass.getuser()}"
+    try:
+        if sha256 is None:
+            assert tenant is not None
+            return await purger.purge_tenant(tenant, actor=actor)
+        if tenant is not None:
+            return await purger.delete_analysis(settings.cache_scope, tenant, sha256, actor=actor)
+        try:
+            known = TenantRegistry.load(settings.tenants_file).tenants
+        except TenantsFileError:
+            known = {}
+        return await purger.purge_hash(sha256, known, actor=actor)
+    except CacheError:
+        raise _Unreachable() from None
+    finally:
+        await client.aclose()
 
 
 # --- facegate analyze: the client side, through app.client (no server code imported) -------
@@ -398,6 +461,14 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--shape", choices=["tencent", "list"])
     sim.add_argument("--faces", choices=["detect", "hash"], help="face boxes from a detector or the image hash")
     sim.set_defaults(func=cmd_sim)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete cached analyses: all of a tenant, one image everywhere, or one image of a tenant (Redis)",
+    )
+    purge.add_argument("--tenant", help="the tenant whose cached data goes (alone: all of it)")
+    purge.add_argument("--sha256", help="the image's SHA-256 (alone: in every tenant's scope and the shared one)")
+    purge.set_defaults(func=cmd_purge)
 
     usage = sub.add_parser("usage", help="print tenants' limits and usage (reads Redis)")
     usage.add_argument("--tenant")

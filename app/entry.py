@@ -106,6 +106,9 @@ class EntryMemo:
         self._size = size
         self._items: OrderedDict[str, tuple[bytes, Entry]] = OrderedDict()
 
+    def forget(self, key: str) -> None:
+        self._items.pop(key, None)
+
     def decode(self, key: str, data: bytes) -> Entry | None:
         item = self._items.get(key)
         if item is not None and item[0] is data:

@@ -50,6 +50,7 @@ CATALOGUE: Final[dict[str, ErrorSpec]] = {
     "upstream_credits": ErrorSpec(503, "The upstream account is out of credits", 503, "ERROR_INSUFFICIENT_RESOURCES"),
     "upstream_unavailable": ErrorSpec(503, "The upstream is unavailable", 503, "AI_SERVICE_FLOW_RESTRICTION"),
     "overloaded": ErrorSpec(503, "The gateway is overloaded", 503, "ERROR_INSUFFICIENT_RESOURCES"),
+    "cache_unavailable": ErrorSpec(503, "The cache is unavailable", 503, "ERROR_RESOURCE_UNAVAILABLE"),
     "quota_unavailable": ErrorSpec(503, "Quota accounting is unavailable", 503, "ERROR_RESOURCE_UNAVAILABLE"),
     "upstream_timeout": ErrorSpec(504, "The upstream timed out", 504, "AI_SERVICE_TIMEOUT"),
     "internal_error": ErrorSpec(500, "Internal error", 500, "SERVICE_INTERNAL_ERROR"),

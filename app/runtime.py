@@ -28,6 +28,7 @@ from app.cache import CacheBackend, MemoryCache, RedisCache, TieredCache
 from app.intake import IntakeLimits, UploadGate
 from app.limits import Limiter, MemoryLimiter, RedisLimiter
 from app.observability import Metrics
+from app.purge import CacheIndex, Invalidator, LocalInvalidator, MemoryIndex, Purger, RedisIndex, RedisInvalidator
 from app.service import AnalyzeService, ServiceConfig
 from app.settings import Settings
 from app.singleflight import Coordinator, LocalCoordinator, RedisCoordinator
@@ -53,6 +54,7 @@ class Runtime:
     metrics: Metrics
     intake: IntakeLimits
     uploads: UploadGate
+    purger: Purger
     redis: aioredis.Redis | None = None
 
     async def readiness(self) -> dict[str, str]:
@@ -125,6 +127,14 @@ async def backends(
     return client, cache, RedisLimiter(client, health(), prefix), coordinator, guard
 
 
+def purge_backends(client: aioredis.Redis | None, settings: Settings) -> tuple[CacheIndex, Invalidator]:
+    """The cache index and the invalidation bus: in memory for one process, else in Redis."""
+    if client is None:
+        return MemoryIndex(), LocalInvalidator()
+    health = redisconn.RedisHealth(timeout_s=settings.redis_timeout_s, failures=3)
+    return RedisIndex(client, health, settings.redis_prefix), RedisInvalidator(client, settings.redis_prefix)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -142,6 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("SANDBOX: no FACEGATE_UPSTREAM_API_KEY, answers come from the built-in simulator at %s", handle.url)
     tenants = load_tenants(settings, app.state.demo_key)
     redis_client, cache, limiter, coordinator, guard = await backends(settings, metrics)
+    index, invalidator = purge_backends(redis_client, settings)
     http = httpx.AsyncClient(
         limits=httpx.Limits(
             max_connections=settings.upstream_max_concurrency * 2,
@@ -195,7 +206,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream=upstream,
         coordinator=coordinator,
         on_spent=lambda tenant: metrics.credits.labels(tenant).inc(),
+        index=index,
     )
+
+    def hearing(ok: bool) -> None:
+        # A replica that cannot hear deletions must not serve local copies (see TieredCache).
+        if isinstance(cache, TieredCache):
+            cache.enable_local(ok)
+
+    invalidator.listen(service.forget, hearing)
     rt = Runtime(
         settings=settings,
         tenants=tenants,
@@ -209,6 +228,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             body_timeout_s=settings.body_timeout_s,
         ),
         uploads=UploadGate(settings.max_uploads_in_flight, metrics.uploads_in_flight.set),
+        purger=Purger(cache, index, invalidator),
         redis=redis_client,
     )
     app.state.runtime = rt
@@ -230,7 +250,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # requesters (cut off or disconnected): a short wait, then they are cancelled and refunded.
         await service.drain(min(settings.shutdown_grace_s, 5.0))
         await http.aclose()
-        for close in (coordinator.close, limiter.close, cache.close, guard.close, *reversed(closers)):
+        for close in (
+            invalidator.close,
+            coordinator.close,
+            limiter.close,
+            cache.close,
+            guard.close,
+            *reversed(closers),
+        ):
             with contextlib.suppress(Exception):
                 await close()
         if redis_client is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,13 +19,13 @@ from typing import Literal
 
 import orjson
 
-from app import cache as cache_mod
-from app.cache import CacheBackend, CacheError
+from app.cache import CacheBackend, CacheError, TieredCache
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry, EntryMemo
 from app.errors import Problem
 from app.intake import Upload
 from app.limits import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
+from app.purge import CacheIndex, Invalidation, MemoryIndex, cache_key_of
 from app.schema.normalize import UpstreamFormatError
 from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewing
 from app.tenants import Tenant
@@ -72,6 +73,7 @@ class AnalyzeService:
         upstream: ResilientUpstream,
         coordinator: Coordinator,
         on_spent: Callable[[str], None] | None = None,
+        index: CacheIndex | None = None,
     ) -> None:
         self.config = config
         #: Told the tenant each time the upstream billed a call (metrics; kept free of HTTP).
@@ -82,6 +84,13 @@ class AnalyzeService:
         self.coordinator = coordinator
         self.flights: Flights[_FlightResult] = Flights()
         self._entries = EntryMemo()
+        #: Which keys each tenant stored (purges); see app/purge.py.
+        self.index: CacheIndex = index or MemoryIndex()
+        #: Deletions seen while calls were in flight: key (or tenant marker) -> deletion number.
+        #: A flight that started before a deletion of its key or tenant does not store its answer.
+        self._deletions = 0
+        self._deleted: dict[str, int] = {}
+        self._flights_since: Counter[int] = Counter()
 
     # --- public use cases -------------------------------------------------------------
 
@@ -169,8 +178,27 @@ class AnalyzeService:
             raise Problem("quota_unavailable", "usage counters are unavailable right now", retry_after=5) from None
 
     def key_for(self, tenant: Tenant, sha256: str) -> str:
-        scope = "*" if self.config.cache_scope == "shared" else f"tenant:{tenant.name}"
-        return cache_mod.cache_key(scope=scope, sha256=sha256)
+        return cache_key_of(self.config.cache_scope, tenant.name, sha256)
+
+    async def forget(self, inv: Invalidation) -> None:
+        """A deletion (here or on another replica): drop local copies, let nobody join a flight
+        of a deleted key, and keep flights that started before it from storing their answer."""
+        self._deletions += 1
+        if self._flights_since:
+            oldest = min(self._flights_since)
+            self._deleted = {k: n for k, n in self._deleted.items() if n > oldest}
+            self._deleted.update(dict.fromkeys(inv.keys, self._deletions))
+            self._deleted.update(dict.fromkeys(("\0" + t for t in inv.tenants), self._deletions))
+        else:
+            self._deleted.clear()
+        for key in inv.keys:
+            self.flights.detach(key)
+            self._entries.forget(key)
+        if isinstance(self.cache, TieredCache):
+            await self.cache.drop_local(inv.keys)
+
+    def _deleted_since(self, seen: int, key: str, tenant: str) -> bool:
+        return self._deleted.get(key, -1) > seen or self._deleted.get("\0" + tenant, -1) > seen
 
     # --- steps ------------------------------------------------------------------------
 
@@ -226,9 +254,11 @@ class AnalyzeService:
         entry = self._entries.decode(key, found[0])
         return (entry, found[1]) if entry is not None else None
 
-    async def _cache_set(self, key: str, entry: Entry, data: bytes) -> bool:
+    async def _cache_set(self, key: str, entry: Entry, data: bytes, tenant: str) -> bool:
         ttl = self.config.cache_ttl_s if entry.verdict is None else self.config.negative_ttl_s
         try:
+            # Indexed first: an entry that a tenant purge could not find must never exist.
+            await self.index.add(tenant, key, ttl)
             await self.cache.set(key, data, ttl)
         except CacheError:
             return False
@@ -272,6 +302,8 @@ class AnalyzeService:
         """
         lease: Lease | None = None
         settled = False
+        seen = self._deletions
+        self._flights_since[seen] += 1
 
         async def settle(spent: bool) -> None:
             nonlocal settled
@@ -300,12 +332,16 @@ class AnalyzeService:
                 lease = None
                 raise failure.problem from None
             data = entry.encode()
-            cacheable = (entry.verdict is None or entry.verdict.cacheable) and not opts.no_store
+            cacheable = (
+                (entry.verdict is None or entry.verdict.cacheable)
+                and not opts.no_store
+                and not self._deleted_since(seen, key, tenant.name)
+            )
             # Three independent Redis writes (quota, cache, lease + notification) in parallel:
             # each is a round trip, and they are on the path of every paid answer.
             _, stored, _ = await asyncio.gather(
                 settle(answer.billed),
-                self._cache_set(key, entry, data) if cacheable else _false(),
+                self._cache_set(key, entry, data, tenant.name) if cacheable else _false(),
                 self._release(lease, Outcome("done", data)),
             )
             lease = None
@@ -317,6 +353,9 @@ class AnalyzeService:
             raise
         finally:
             upload.close()
+            self._flights_since[seen] -= 1
+            if not self._flights_since[seen]:
+                del self._flights_since[seen]
 
     async def _win(self, key: str) -> Lease | _FlightResult | None:
         """Lead ``key`` across replicas, or end up with the answer another replica produced.

@@ -98,8 +98,8 @@ class Flights(Generic[T]):
             try:
                 return await work()
             finally:
-                if key is not None:
-                    self._by_key.pop(key, None)
+                if key is not None and self._by_key.get(key) is task:
+                    del self._by_key[key]
 
         name = f"flight:{key[:12]}" if key is not None else "flight:anonymous"
         task = asyncio.get_running_loop().create_task(run(), name=name)
@@ -113,6 +113,15 @@ class Flights(Generic[T]):
 
     def get(self, key: str) -> asyncio.Task[T] | None:
         return self._by_key.get(key)
+
+    def detach(self, key: str) -> None:
+        """Let no new request join the flight of ``key`` (its answer was deleted meanwhile)."""
+        self._by_key.pop(key, None)
+
+    @property
+    def running(self) -> int:
+        """Flights not finished yet, keyed or not."""
+        return len(self._running)
 
     async def drain(self, grace_s: float, settle_s: float = 5.0) -> int:
         """Graceful shutdown: let flights finish within ``grace_s`` (their calls may already be

@@ -13,9 +13,11 @@ request_id=ctx.request_id)``.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Awaitable
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -23,10 +25,15 @@ from app.api.deps import ContextDep, OperatorDep, RuntimeDep
 from app.api.openapi import problems
 from app.api.responses import json_response
 from app.audit import audit
+from app.cache import CacheError
+from app.errors import Problem
+from app.limits import QuotaUnavailable
+from app.purge import Purged
 from app.tenants import Tenant
+from app.usage_report import usage_dict
 
 #: Every admin route documents these refusals (no key / unknown key, and a tenant key).
-ADMIN_PROBLEMS = problems(400, 401, 403)
+ADMIN_PROBLEMS = problems(400, 401, 403, 503)
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_PROBLEMS)
 
@@ -65,6 +72,39 @@ def actor(operator_name: str) -> str:
     return f"operator:{operator_name}"
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+Sha256 = Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")]
+TenantName = Annotated[str, Path(description="A tenant's name (also one no longer in the tenants file).")]
+
+
+def _check(value: str, pattern: re.Pattern[str], what: str) -> None:
+    if not pattern.match(value):
+        raise Problem("invalid_request", f"{what} is not valid")
+
+
+class Replicas(BaseModel):
+    told: int = Field(description="Replicas subscribed when the deletion was announced.")
+    confirmed: int = Field(description="Of those, how many confirmed they dropped their copies in time.")
+
+
+class PurgeResult(BaseModel):
+    deleted: int = Field(description="Cache entries that existed and were deleted.")
+    replicas: Replicas
+
+
+async def _purge(work: Awaitable[Purged]) -> Response:
+    try:
+        done = await work
+    except CacheError:
+        raise Problem(
+            "cache_unavailable", "the cache could not be reached; the purge may be incomplete, retry it"
+        ) from None
+    return json_response(
+        {"deleted": done.deleted, "replicas": {"told": done.delivery.told, "confirmed": done.delivery.confirmed}}
+    )
+
+
 @router.get("/tenants", summary="Every tenant's settings (no keys)", response_model=TenantsList)
 async def tenants(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
     """The tenants file as facegate reads it now: names and effective settings, and the
@@ -77,3 +117,57 @@ async def tenants(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Res
             "operators": sorted(registry.operators),
         }
     )
+
+
+@router.delete(
+    "/tenants/{tenant}/analyses",
+    summary="Purge everything cached for a tenant",
+    response_model=PurgeResult,
+)
+async def purge_tenant(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName) -> Response:
+    """Deletes every analysis and verdict the tenant's calls stored (in `shared` scope: the entries its
+    calls paid for), in Redis and in every replica's local tier; its calls in flight store nothing."""
+    _check(tenant, _NAME, "tenant")
+    return await _purge(rt.purger.purge_tenant(tenant, actor=actor(operator.name), request_id=ctx.request_id))
+
+
+@router.delete(
+    "/tenants/{tenant}/analyses/{sha256}",
+    summary="Delete one tenant's cached analysis of an image",
+    response_model=PurgeResult,
+)
+async def delete_tenant_analysis(
+    rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName, sha256: Sha256
+) -> Response:
+    """What `DELETE /v1/faces/analyses/{sha256}` does for the tenant, done by an operator."""
+    _check(tenant, _NAME, "tenant")
+    _check(sha256, _SHA256, "sha256")
+    scope = rt.settings.cache_scope
+    work = rt.purger.delete_analysis(scope, tenant, sha256, actor=actor(operator.name), request_id=ctx.request_id)
+    return await _purge(work)
+
+
+@router.delete("/analyses/{sha256}", summary="Purge one image across every tenant", response_model=PurgeResult)
+async def purge_hash(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, sha256: Sha256) -> Response:
+    """Deletes the image's analysis in every tenant's scope and in the shared scope."""
+    _check(sha256, _SHA256, "sha256")
+    known = rt.tenants.registry.tenants
+    return await _purge(rt.purger.purge_hash(sha256, known, actor=actor(operator.name), request_id=ctx.request_id))
+
+
+@router.get(
+    "/tenants/{tenant}/usage",
+    summary="Any tenant's limits and usage",
+    responses=problems(404),
+)
+async def tenant_usage(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName) -> Response:
+    """The body `GET /v1/usage` gives that tenant (the operator's read is not rate-limited or counted)."""
+    found = rt.tenants.registry.tenants.get(tenant)
+    if found is None:
+        raise Problem("not_found", "no such tenant in the tenants file")
+    try:
+        report = await rt.service.limiter.usage(found)
+    except QuotaUnavailable:
+        raise Problem("quota_unavailable", "usage counters are unavailable right now", retry_after=5) from None
+    audit("admin.usage.read", actor=actor(operator.name), request_id=ctx.request_id, tenant=tenant)
+    return json_response(usage_dict(report))

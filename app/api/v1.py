@@ -9,10 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
-from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
+from app.api.deps import CallerDep, ContextDep, OptionsDep, RuntimeDep, TenantDep, operator_required
 from app.api.openapi import UPLOAD_BODY, problems
 from app.api.responses import json_response
 from app.api.uploads import analyze_request
+from app.cache import CacheError
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry
 from app.errors import Problem
@@ -97,6 +98,51 @@ async def cached_analysis(
     entry, ttl = found
     ctx.cache = CacheStatus(hit=True, ttl=ttl)
     return json_response(render(ctx, entry, landmarks=landmarks))
+
+
+@router.delete(
+    "/faces/analyses/{sha256}",
+    summary="Delete a cached analysis, by the image's SHA-256",
+    status_code=204,
+    response_class=Response,
+    responses={204: {"description": "Deleted everywhere it was held."}, **problems(400, 401, 403, 404, 429, 503)},
+)
+async def delete_analysis(
+    *,
+    rt: RuntimeDep,
+    ctx: ContextDep,
+    caller: CallerDep,
+    sha256: Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")],
+) -> Response:
+    """Removes the caller's cached analysis of that image (or verdict on it) from Redis, from every
+    replica's local tier and from calls still in flight. With a tenant key: that tenant's own entry;
+    in `shared` cache scope only an operator may delete (403 `operator_required`), since other tenants
+    rely on the entry. With an operator key: the image in every tenant's scope and the shared one.
+    404 when nothing was held."""
+    if not _SHA256.match(sha256):
+        raise Problem("invalid_request", "sha256 must be 64 lowercase hex characters")
+    try:
+        if caller.operator is not None:
+            done = await rt.purger.purge_hash(
+                sha256, rt.tenants.registry.tenants, actor=caller.actor, request_id=ctx.request_id
+            )
+        else:
+            assert caller.tenant is not None
+            await rt.service.count_request(ctx, caller.tenant)
+            if rt.settings.cache_scope == "shared":
+                raise operator_required("deleting in the shared cache scope (other tenants rely on the entry)")
+            done = await rt.purger.delete_analysis(
+                rt.settings.cache_scope, caller.tenant.name, sha256, actor=caller.actor, request_id=ctx.request_id
+            )
+    except CacheError:
+        raise Problem(
+            "cache_unavailable",
+            "the cache could not be reached; the deletion may be incomplete, retry it",
+            retry_after=5,
+        ) from None
+    if not done.deleted:
+        raise Problem("not_found", "no cached analysis of that image for this caller")
+    return Response(status_code=204)
 
 
 @router.get("/usage", summary="The caller's limits and usage", responses=problems(401, 429, 503))

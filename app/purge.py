@@ -1,0 +1,392 @@
+"""Deleting cached analyses everywhere they are held: Redis, every replica's local tier, flights.
+
+Three pieces:
+
+- :class:`CacheIndex` — which cache keys each tenant's calls stored, so that "purge all of
+  tenant X" works although cache keys are opaque hashes (they reveal neither tenant nor
+  image). In Redis a sorted set per tenant (``{prefix}:ci:{tenant}``, scored by expiry, so
+  it trims itself) under the tenant's hash tag, plus the set of tenant names that have one.
+- :class:`Invalidator` — tells every replica to forget keys. **Pub/sub with
+  acknowledgements**, not versioned keys: a versioned key would orphan data rather than
+  delete it (a privacy deletion must remove the bytes), and checking a version on every
+  local-tier hit would cost the Redis round trip the tier exists to save. ``PUBLISH``
+  returns how many replicas are subscribed; each one drops its local copies, marks its
+  running flights, and acknowledges; the deleter waits for every acknowledgement. A
+  replica that cannot hear (subscription down) switches its local tier off and empties it
+  until it hears again, so nothing it holds can outlive a deletion it missed.
+- :class:`Purger` — the deletion itself, in an order that leaves no copy behind: delete
+  from Redis, tell the replicas (they drop local copies and stop their in-flight calls
+  from storing), then delete from Redis once more (a flight may have stored in between).
+
+Single-flight *outcomes* are never stored (only announced), and negative verdicts live
+under the same cache key as analyses, so deleting the key removes them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+import redis.asyncio as aioredis
+
+from app import cache as cache_mod
+from app.audit import audit
+from app.cache import CacheBackend, CacheError
+from app.redisconn import LOG_EVERY_S, RedisDown, RedisHealth
+
+log = logging.getLogger("facegate.purge")
+
+#: The cache scope of ``FACEGATE_CACHE_SCOPE=shared``.
+SHARED_SCOPE = "*"
+
+
+def scope_of(cache_scope: str, tenant: str) -> str:
+    """The cache-key scope of ``tenant``'s answers under ``FACEGATE_CACHE_SCOPE``."""
+    return SHARED_SCOPE if cache_scope == "shared" else f"tenant:{tenant}"
+
+
+def cache_key_of(cache_scope: str, tenant: str, sha256: str) -> str:
+    """The cache key of ``tenant``'s analysis of ``sha256``."""
+    return cache_mod.cache_key(scope=scope_of(cache_scope, tenant), sha256=sha256)
+
+
+def keys_of_hash(sha256: str, tenants: Iterable[str]) -> list[str]:
+    """Every cache key an image can have: each tenant's scope and the shared one (whatever the
+    scope setting is now: entries stored under an earlier setting are found too)."""
+    scopes = [f"tenant:{t}" for t in sorted(set(tenants))] + [SHARED_SCOPE]
+    return [cache_mod.cache_key(scope=s, sha256=sha256) for s in scopes]
+
+
+# --- the index: which keys each tenant stored -------------------------------------------------
+
+
+class CacheIndex(Protocol):
+    async def add(self, tenant: str, key: str, ttl_s: float) -> None:
+        """``tenant``'s call stored ``key`` for ``ttl_s``."""
+
+    async def keys(self, tenant: str) -> list[str]:
+        """The live keys ``tenant``'s calls stored."""
+
+    async def remove(self, tenant: str, keys: Sequence[str]) -> None: ...
+
+    async def tenants(self) -> list[str]:
+        """Every tenant that stored something still alive (including tenants since removed)."""
+
+
+class MemoryIndex:
+    """One process: tenant -> key -> expiry (monotonic)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._keys: dict[str, dict[str, float]] = {}
+
+    def _live(self, tenant: str) -> dict[str, float]:
+        now = self._clock()
+        keys = self._keys.get(tenant, {})
+        for key in [k for k, expires in keys.items() if expires <= now]:
+            del keys[key]
+        return keys
+
+    async def add(self, tenant: str, key: str, ttl_s: float) -> None:
+        keys = self._keys.setdefault(tenant, {})
+        if len(keys) % 1024 == 0:
+            self._live(tenant)
+        keys[key] = max(keys.get(key, 0.0), self._clock() + ttl_s)
+
+    async def keys(self, tenant: str) -> list[str]:
+        return list(self._live(tenant))
+
+    async def remove(self, tenant: str, keys: Sequence[str]) -> None:
+        held = self._keys.get(tenant)
+        if held is not None:
+            for key in keys:
+                held.pop(key, None)
+
+    async def tenants(self) -> list[str]:
+        return sorted(t for t in list(self._keys) if self._live(t))
+
+
+_INDEX_ADD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = now + tonumber(ARGV[2])
+local old = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not old or tonumber(old) < expires then redis.call('ZADD', KEYS[1], expires, ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+class RedisIndex:
+    """A sorted set per tenant under the tenant's hash tag, scored by expiry (ms, Redis time)."""
+
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str) -> None:
+        self._r = client
+        self._health = health
+        self._prefix = prefix
+        self._tenants = f"{prefix}:ci:tenants"
+        self._add = client.register_script(_INDEX_ADD)
+
+    def key(self, tenant: str) -> str:
+        return f"{self._prefix}:ci:{{{tenant}}}"
+
+    async def _run(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await self._health.run("cache", op)
+        except RedisDown:
+            raise CacheError("redis") from None
+
+    async def add(self, tenant: str, key: str, ttl_s: float) -> None:
+        ttl_ms = max(1, int(ttl_s * 1000))
+
+        async def op() -> None:
+            await self._add(keys=[self.key(tenant)], args=[key, ttl_ms])
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.sadd(self._tenants, tenant)
+                pipe.pexpire(self._tenants, ttl_ms, gt=True)
+                pipe.pexpire(self._tenants, ttl_ms, nx=True)
+                await pipe.execute()
+
+        await self._run(op)
+
+    async def keys(self, tenant: str) -> list[str]:
+        async def op() -> list[bytes]:
+            t = await self._r.time()
+            now_ms = int(t[0]) * 1000 + int(t[1]) // 1000
+            found: list[Any] = await self._r.zrangebyscore(self.key(tenant), f"({now_ms}", "+inf")
+            return [bytes(k) for k in found]
+
+        return [k.decode() for k in await self._run(op)]
+
+    async def remove(self, tenant: str, keys: Sequence[str]) -> None:
+        if keys:
+            await self._run(lambda: self._r.zrem(self.key(tenant), *keys))
+
+    async def tenants(self) -> list[str]:
+        members: set[bytes] = await self._run(lambda: self._r.smembers(self._tenants))
+        return sorted(m.decode() for m in members)
+
+
+# --- telling every replica --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """Forget these cache keys; and stop these tenants' running calls from storing."""
+
+    keys: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+
+    def encode(self, ident: str) -> bytes:
+        return orjson.dumps({"id": ident, "keys": self.keys, "tenants": self.tenants})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """How many replicas were subscribed when told, and how many confirmed in time."""
+
+    told: int
+    confirmed: int
+
+
+Handler = Callable[[Invalidation], Awaitable[None]]
+
+
+class Invalidator(Protocol):
+    def listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
+        """Run ``handler`` for every invalidation; ``on_health(False)`` while deaf."""
+
+    async def broadcast(self, inv: Invalidation) -> Delivery: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalInvalidator:
+    """One process: the handler runs right away."""
+
+    def __init__(self) -> None:
+        self._handler: Handler | None = None
+
+    def listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
+        self._handler = handler
+
+    async def broadcast(self, inv: Invalidation) -> Delivery:
+        if self._handler is None:
+            return Delivery(0, 0)
+        await self._handler(inv)
+        return Delivery(1, 1)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisInvalidator:
+    """Pub/sub on ``{prefix}:inv``; acknowledgements on a short-lived list per message."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, *, ack_timeout_s: float = 5.0) -> None:
+        self._r = client
+        self._channel = f"{prefix}:inv"
+        self._ack_prefix = f"{prefix}:inv:ack:"
+        self._ack_timeout_s = ack_timeout_s
+        self._listener: asyncio.Task[None] | None = None
+        self.subscribed = asyncio.Event()
+
+    def listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
+        on_health(False)  # deaf until subscribed
+        self._listener = asyncio.get_running_loop().create_task(self._listen(handler, on_health), name="invalidation")
+
+    async def _listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
+        backoff, last_log = 0.1, -LOG_EVERY_S
+        while True:
+            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                on_health(True)
+                self.subscribed.set()
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        await self._apply(handler, message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any Redis/network failure: deaf until resubscribed
+                self.subscribed.clear()
+                on_health(False)
+                now = time.monotonic()
+                if now - last_log >= LOG_EVERY_S:
+                    last_log = now
+                    log.warning(
+                        "invalidation subscription lost (%s): local cache tier off until it is back",
+                        type(exc).__name__,
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _apply(self, handler: Handler, data: bytes) -> None:
+        try:
+            msg = orjson.loads(data)
+            inv = Invalidation(tuple(map(str, msg["keys"])), tuple(map(str, msg["tenants"])))
+            ident = str(msg["id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.error("ignored a malformed invalidation message")
+            return
+        await handler(inv)
+        ack = self._ack_prefix + ident
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.rpush(ack, 1)
+            pipe.pexpire(ack, int(self._ack_timeout_s * 2000))
+            await pipe.execute()
+
+    async def broadcast(self, inv: Invalidation) -> Delivery:
+        """Publish, then wait for every subscribed replica to confirm (at most ``ack_timeout_s``)."""
+        ident = uuid.uuid4().hex
+        ack = self._ack_prefix + ident
+        try:
+            async with asyncio.timeout(self._ack_timeout_s):
+                told = int(await self._r.publish(self._channel, inv.encode(ident)))
+        except (TimeoutError, OSError, aioredis.RedisError):
+            raise CacheError("redis") from None
+        confirmed = 0
+        deadline = time.monotonic() + self._ack_timeout_s
+        with contextlib.suppress(TimeoutError, OSError, aioredis.RedisError):
+            while confirmed < told:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                async with asyncio.timeout(left + 1):
+                    popped = await self._r.blpop([ack], timeout=max(0.01, left))
+                if popped is None:
+                    break
+                confirmed += 1
+        if confirmed < told:
+            log.warning("invalidation: %d of %d replica(s) confirmed in time", confirmed, told)
+        return Delivery(told, confirmed)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+
+# --- the deletion -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What a deletion found and how far it reached."""
+
+    deleted: int
+    delivery: Delivery
+
+
+class Purger:
+    """Deletes cached analyses everywhere: Redis (or memory), every replica's local tier, flights.
+
+    Raises :class:`CacheError` when the cache cannot be reached (nothing can be promised then).
+    """
+
+    def __init__(self, cache: CacheBackend, index: CacheIndex, invalidator: Invalidator) -> None:
+        self.cache = cache
+        self.index = index
+        self.invalidator = invalidator
+
+    async def delete(self, keys: Sequence[str], *, owners: Sequence[str] = (), tenants: Sequence[str] = ()) -> Purged:
+        """Delete ``keys`` (and forget them in ``owners``' indexes); ``tenants``' running calls
+        must not store what they are computing either."""
+        deleted = await self.cache.delete_many(keys)
+        for owner in owners:
+            await self.index.remove(owner, keys)
+        delivery = await self.invalidator.broadcast(Invalidation(tuple(keys), tuple(tenants)))
+        # A call that finished between the first delete and a replica's acknowledgement may
+        # have stored again: those replicas no longer store, so this second pass is the last.
+        deleted = max(deleted, await self.cache.delete_many(keys))
+        return Purged(deleted, delivery)
+
+    async def delete_analysis(
+        self, cache_scope: str, tenant: str, sha256: str, *, actor: str, request_id: str | None = None
+    ) -> Purged:
+        """``tenant``'s cached analysis of one image (in its scope under ``cache_scope``)."""
+        done = await self.delete([cache_key_of(cache_scope, tenant, sha256)], owners=[tenant])
+        self._audit("cache.delete", done, actor, request_id, tenant=tenant, sha256=sha256, scope=cache_scope)
+        return done
+
+    async def purge_tenant(self, tenant: str, *, actor: str, request_id: str | None = None) -> Purged:
+        """Everything ``tenant``'s calls stored (in ``shared`` scope: the entries it paid for)."""
+        keys = await self.index.keys(tenant)
+        done = await self.delete(keys, owners=[tenant], tenants=[tenant])
+        self._audit("cache.purge_tenant", done, actor, request_id, tenant=tenant)
+        return done
+
+    async def purge_hash(
+        self, sha256: str, known_tenants: Iterable[str], *, actor: str, request_id: str | None = None
+    ) -> Purged:
+        """One image, in every tenant's scope and the shared one."""
+        tenants = sorted(set(known_tenants) | set(await self.index.tenants()))
+        done = await self.delete(keys_of_hash(sha256, tenants), owners=tenants)
+        self._audit("cache.purge_hash", done, actor, request_id, sha256=sha256, tenants_checked=len(tenants))
+        return done
+
+    @staticmethod
+    def _audit(action: str, done: Purged, actor: str, request_id: str | None, **details: Any) -> None:
+        audit(
+            action,
+            actor=actor,
+            request_id=request_id,
+            **details,
+            deleted=done.deleted,
+            replicas_told=done.delivery.told,
+            replicas_confirmed=done.delivery.confirmed,
+        )
