@@ -18,8 +18,8 @@ The path of one analyze request, and the module for each step::
 Around it: ``main.py`` (the app factory), ``runtime.py`` (backends chosen and built once, the
 lifespan), ``settings.py``, ``tenants.py``, ``redisconn.py`` (the Redis pool and its health),
 ``observability.py`` (metrics, logs), ``purge.py`` (deletion in Redis, every replica's local tier
-and calls in flight), ``audit.py`` (the ``facegate.audit`` trail), ``cli.py`` (``facegate …``), ``client.py`` (the Python
-client), ``sim/`` (the ailabapi simulator for sandbox mode, tests and benchmarks). The import
+and calls in flight), ``audit.py`` (the ``facegate.audit`` trail), ``cli.py`` (``facegate …``),
+``client.py`` (the Python client), ``sim/`` (the ailabapi simulator for sandbox mode, tests and benchmarks). The import
 direction is enforced by import-linter (``[tool.importlinter]`` in pyproject.toml).
 """
 
