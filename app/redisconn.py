@@ -1,4 +1,4 @@
-"""The one Redis pool, and how facegate behaves when Redis misbehaves.
+"""The one Redis pool (one Redis, or Sentinel's master), and how facegate behaves when Redis misbehaves.
 
 Every Redis-backed component runs its commands through :meth:`RedisHealth.run`: short
 timeouts, errors counted and logged without flooding, and after a failure Redis is
@@ -12,11 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from app.redisurl import RedisTarget
 from app.settings import Settings
 
 log = logging.getLogger("facegate.redis")
@@ -32,27 +35,85 @@ class RedisDown(Exception):
     """Redis could not be used for this operation (error, timeout, or cooling down)."""
 
 
-def connect(settings: Settings) -> aioredis.Redis:
-    """One pool for the process. Per-operation timeouts are applied by :meth:`RedisHealth.run`.
-
-    Not by redis-py's ``socket_timeout``: that one wraps socket writes in ``asyncio.wait_for``,
-    which on Python 3.11 can swallow a cancellation that arrives as the write completes
-    (CPython gh-86296) — a cancelled request would then hang on. ``asyncio.timeout`` around
-    the whole operation has no such gap.
-    """
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=None,
-        socket_connect_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
+def _options(settings: Settings) -> dict[str, Any]:
+    """The connection options facegate sets itself, whatever the topology (see :func:`connect`)."""
+    return {
+        "socket_timeout": None,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "health_check_interval": 30,
         # Operations beyond this fail (and count as Redis errors): well above what
-        # FACEGATE_MAX_UPLOADS_IN_FLIGHT requests can use at once.
-        max_connections=1024,
-        retry_on_timeout=False,
-        decode_responses=False,
+        # FACEGATE_MAX_UPLOADS_IN_FLIGHT requests can use at once. Per node on a cluster.
+        "max_connections": 1024,
+        "decode_responses": False,
         # No CLIENT SETINFO: it halves what opening a connection costs (see ``warm``).
-        driver_info=None,
-    )
+        "driver_info": None,
+    }
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """One pool for the process, to one Redis or to the master that Sentinel names.
+
+    Per-operation timeouts are applied by :meth:`RedisHealth.run`, not by redis-py's
+    ``socket_timeout``: that one wraps socket writes in ``asyncio.wait_for``, which on
+    Python 3.11 can swallow a cancellation that arrives as the write completes (CPython
+    gh-86296) — a cancelled request would then hang on. ``asyncio.timeout`` around the
+    whole operation has no such gap.
+
+    Sentinel (``redis+sentinel://``): each new connection asks the sentinels where the
+    master is; after a failover the connections to the old master fail (refused, or
+    READONLY once it is demoted, which redis-py turns into a ConnectionError) and the next
+    ones go to the new master. Nothing needs a restart.
+    """
+    target = settings.redis_target
+    if target.kind == "single":
+        return aioredis.Redis.from_url(settings.redis_url, retry_on_timeout=False, **_options(settings))
+    if target.kind == "sentinel":
+        return _sentinel_master(settings, target)
+    raise ValueError(f"FACEGATE_REDIS_URL: {target.kind} is not supported by this version")
+
+
+def _url_options(target: RedisTarget) -> dict[str, Any]:
+    """Credentials, db, TLS and the URL's query options, as redis-py reads them from a URL."""
+    options: dict[str, Any] = dict(parse_url(target.options_url))
+    for name in ("host", "port", "path"):
+        options.pop(name, None)
+    connection_class = options.pop("connection_class", None)
+    if isinstance(connection_class, type) and issubclass(connection_class, SSLConnection):
+        options["ssl"] = True
+    return options
+
+
+class SentinelRedis(aioredis.Redis):
+    """The master's client; closing it also closes the connections to the sentinels."""
+
+    sentinels: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinels is not None:
+            await self.sentinels.aclose()
+
+
+def _sentinel_master(settings: Settings, target: RedisTarget) -> aioredis.Redis:
+    url_options = _url_options(target)
+    sentinel_options: dict[str, Any] = {
+        # A sentinel that hangs must not stall discovery: the next one is asked instead.
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "decode_responses": False,
+        "driver_info": None,
+    }
+    if settings.redis_sentinel_password is not None:
+        sentinel_options["password"] = settings.redis_sentinel_password.get_secret_value()
+    if url_options.get("ssl"):
+        # rediss+sentinel://: the sentinels speak TLS too, with the same CA and client certificate.
+        sentinel_options.update({k: v for k, v in url_options.items() if k.startswith("ssl")})
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    options = {**url_options, **_options(settings)}
+    client = sentinel.master_for(target.master, redis_class=SentinelRedis, **options)
+    assert isinstance(client, SentinelRedis)
+    client.sentinels = sentinel
+    return client
 
 
 async def warm(client: aioredis.Redis, connections: int) -> bool:
@@ -111,7 +172,9 @@ class RedisHealth:
                 result = await op()
         except NoScriptError:
             raise
-        except (RedisError, OSError, TimeoutError) as exc:
+        # RedisClusterException is not a RedisError: redis-py raises it when no node serves a
+        # slot during a cluster failover (SlotNotCoveredError) or cannot map a command.
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._failed(component, exc)
             raise RedisDown(component) from None
         self._consecutive = 0

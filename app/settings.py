@@ -14,9 +14,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app import redisurl
 from app.upstream import contract
 
 DEFAULT_UPSTREAM_URL = "https://www.ailabapi.com"
+#: Redis Cluster is parsed (app/redisurl.py) but served only once every component speaks it (issue 14).
+SUPPORTED_TOPOLOGIES = frozenset({"single", "sentinel"})
 
 
 class Settings(BaseSettings):
@@ -75,7 +78,14 @@ class Settings(BaseSettings):
     breaker_window: int = Field(20, ge=2, description="Calls (within 60 s) the failure rate is measured over.")
 
     # --- storage ---
-    redis_url: str = Field("", description="Empty = in-memory cache and quotas (one process only).")
+    redis_url: str = Field(
+        "",
+        description="Empty = in-memory cache and quotas (one process only); redis://, rediss://, unix:// "
+        "(one Redis) or redis+sentinel:// (Sentinel): see app/redisurl.py.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels themselves (the URL's credentials are the data nodes')."
+    )
     redis_prefix: str = Field("fg", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
     redis_timeout_s: float = Field(1.0, gt=0, le=10, description="Per-operation Redis timeout (the cache fails open).")
     tenants_file: Path = Field(
@@ -116,9 +126,23 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be empty or start with redis://, rediss:// or unix://")
+        if not value:
+            return value
+        target = redisurl.parse(value)
+        if target.kind not in SUPPORTED_TOPOLOGIES:
+            raise ValueError(f"{target.kind} is not supported by this version")
+        from redis.connection import parse_url  # the options every topology shares, as redis-py reads them
+
+        try:
+            parse_url(target.options_url)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(target.options_url, "(url)")) from None
         return value
+
+    @property
+    def redis_target(self) -> redisurl.RedisTarget:
+        """The parsed ``redis_url`` (not empty)."""
+        return redisurl.parse(self.redis_url)
 
     @model_validator(mode="after")
     def _key_file(self) -> Settings:
@@ -146,9 +170,8 @@ class Settings(BaseSettings):
                 shown = "**********"
             elif isinstance(value, Path):
                 shown = str(value)
-            elif name == "redis_url" and isinstance(value, str) and "@" in value:
-                scheme, _, rest = value.partition("://")
-                shown = f"{scheme}://**********@{rest.rsplit('@', 1)[1]}"
+            elif name == "redis_url" and isinstance(value, str):
+                shown = redisurl.masked(value)
             out[name] = shown
         return out
 

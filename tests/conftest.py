@@ -2,7 +2,9 @@
 
 Everything runs over loopback sockets. Redis: ``FACEGATE_TEST_REDIS_URL`` if set, else
 127.0.0.1:6379 if it answers, else a throwaway ``redis-server`` on a free port; tests
-that need Redis are skipped with the reason when none of these is possible. Each
+that need Redis are skipped with the reason when none of these is possible. A real
+Redis Cluster and a real Sentinel setup are started once per session when a test asks
+for them (``redis_cluster``, ``redis_sentinel``). Each
 gateway gets its own Redis key prefix, so tests never see each other's keys and nothing
 is flushed.
 """
@@ -25,7 +27,15 @@ import pytest
 
 from app.tenants import OPERATOR_KEY_PREFIX, new_key, paste_line
 from tests.imagegen import make_image
-from tests.servers import RedisServer, ServerProcess, free_port, redis_pings, start_process
+from tests.servers import (
+    RedisClusterServer,
+    RedisSentinelServer,
+    RedisServer,
+    ServerProcess,
+    free_port,
+    redis_pings,
+    start_process,
+)
 
 SIM_KEY = "sim-test-key-0123456789"
 PY = sys.executable
@@ -66,6 +76,35 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A real Redis Cluster (3 primaries + 3 replicas) for the session; ``.url`` is redis+cluster://.
+
+    Tests that kill a node call ``.restore()`` before they end, so the next test finds it whole.
+    """
+    try:
+        cluster = RedisClusterServer()
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; needed for the Redis Cluster tests")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServer]:
+    """A real Sentinel setup (primary, replica, 3 sentinels) for the session; ``.url`` is redis+sentinel://."""
+    try:
+        setup = RedisSentinelServer()
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; needed for the Sentinel tests")
+    try:
+        yield setup
+    finally:
+        setup.close()
 
 
 @pytest.fixture

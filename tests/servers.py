@@ -13,9 +13,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -131,10 +132,18 @@ class RedisServer:
     """A throwaway redis-server on loopback (no persistence) that its owner may stop and start.
 
     Raises FileNotFoundError when ``redis-server`` is not installed. ``log`` (a path) keeps
-    its output; by default it is discarded.
+    its output; by default it is discarded. ``args`` are extra ``redis-server`` options
+    (cluster mode, ``--replicaof``…); ``sentinel`` starts it as a Sentinel instead.
     """
 
-    def __init__(self, port: int | None = None, *, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        log: Path | None = None,
+        args: Sequence[str] = (),
+        sentinel_conf: str | None = None,
+    ) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
@@ -145,16 +154,25 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="facegate-redis-")
         self._log_path = log
+        self.args = list(args)
+        self._sentinel_conf = sentinel_conf
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        argv = [self.binary]
+        if self._sentinel_conf is not None:
+            # Sentinel rewrites its config file (what it learnt about the master): it must be its own.
+            conf = Path(self.dir) / "sentinel.conf"
+            if not conf.exists():
+                conf.write_text(self._sentinel_conf)
+            argv += [str(conf), "--sentinel"]
+        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
+        if self._sentinel_conf is None:
+            argv += ["--save", "", "--appendonly", "no", *self.args]
         out = self._log_path.open("ab") if self._log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(
-                [*argv, "--dir", self.dir], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         finally:
             if not isinstance(out, int):
                 out.close()  # the child has its own descriptor
@@ -165,9 +183,20 @@ class RedisServer:
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown (no last replication, no goodbye to the cluster)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(5)
         self.proc = None
 
@@ -176,3 +205,326 @@ class RedisServer:
 
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` (or ``CLUSTER INFO`` for section "cluster-state") as a dict; {} if unreachable."""
+        import redis
+
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+        try:
+            if section == "cluster-state":
+                raw = client.execute_command("CLUSTER INFO")  # parsed by redis-py into a dict
+                return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+            return {k: str(v) for k, v in client.info(section).items()}
+        except redis.RedisError:
+            return {}
+        finally:
+            client.close()
+
+
+#: A replica's first sync starts at once (the default waits 5 s for more replicas to share it).
+FAST_SYNC = ("--repl-diskless-sync-delay", "0")
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float, describe: Callable[[], str] = str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not reached after {timeout:.0f}s {describe()}".rstrip())
+        time.sleep(0.05)
+
+
+class RedisClusterServer:
+    """A real Redis Cluster on loopback: ``masters`` primaries with one replica each.
+
+    Built as operators do: ``redis-server --cluster-enabled yes`` per node, then
+    ``redis-cli --cluster create … --cluster-replicas 1``. The node timeout is short
+    (``node_timeout_ms``) so a killed primary is replaced in about two seconds.
+    ``url`` is facegate's ``redis+cluster://`` address of all the nodes.
+    Raises FileNotFoundError when ``redis-server`` or ``redis-cli`` is missing.
+    """
+
+    def __init__(self, masters: int = 3, *, node_timeout_ms: int = 1000, log: Path | None = None) -> None:
+        import shutil
+
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise FileNotFoundError("redis-cli is not installed (apt-get install redis-tools)")
+        args = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout_ms),
+            # Any replica may be promoted, however long it was cut off (a test's failover must happen).
+            "--cluster-replica-validity-factor", "0",
+            # Keys on healthy shards stay usable while one shard fails over.
+            "--cluster-require-full-coverage", "no",
+            *FAST_SYNC,
+        ]  # fmt: skip
+        self.nodes: list[RedisServer] = []
+        self._killed_slots = ""
+        try:
+            for _ in range(masters * 2):
+                # The cluster bus port, explicit: the default (port + 10000) may be taken or over 65535.
+                self.nodes.append(RedisServer(log=log, args=[*args, "--cluster-port", str(free_port())]))
+            create = [cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes)]
+            subprocess.run(
+                [*create, "--cluster-replicas", "1", "--cluster-yes"],
+                check=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def _view(self) -> list[dict[str, str]]:
+        """``CLUSTER NODES`` as seen by the first running node: id, port, role, flags, slots."""
+        import redis
+
+        for node in self.nodes:
+            if not node.running:
+                continue
+            client = redis.Redis(port=node.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+            try:
+                raw = client.execute_command("CLUSTER NODES")
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            rows = []
+            # redis-py parses CLUSTER NODES into {"host:port": {"flags": "...", "slots": [[lo, hi], ...]}}.
+            for addr, node_info in (raw if isinstance(raw, dict) else {}).items():
+                flags = str(node_info["flags"]).split(",")
+                slots = " ".join(f"{lo}-{hi}" for lo, hi in node_info["slots"])
+                rows.append(
+                    {
+                        "id": str(node_info["node_id"]),
+                        "port": str(addr).rsplit(":", 1)[1].split("@")[0],
+                        "role": "master" if "master" in flags else "replica",
+                        "failed": "yes" if ("fail" in flags or "fail?" in flags) else "",
+                        "slots": slots,
+                    }
+                )
+            return rows
+        return []
+
+    def masters(self) -> list[RedisServer]:
+        """The running nodes that currently serve slots as primaries."""
+        by_port = {str(n.port): n for n in self.nodes}
+        return [
+            by_port[row["port"]]
+            for row in self._view()
+            if row["role"] == "master" and row["slots"] and not row["failed"] and by_port[row["port"]].running
+        ]
+
+    def healthy(self) -> bool:
+        running = [n for n in self.nodes if n.running]
+        for node in running:
+            state = node.info("cluster-state")
+            if state.get("cluster_state") != "ok" or state.get("cluster_slots_ok") != "16384":
+                return False
+            if int(state.get("cluster_known_nodes", "0")) != len(self.nodes):
+                return False
+        view = self._view()
+        alive = {str(n.port) for n in running}
+        if len(view) != len(self.nodes) or any(r["failed"] for r in view if r["port"] in alive):
+            return False
+        for node in running:  # replicas in sync: a primary killed now loses nothing already replicated
+            repl = node.info("replication")
+            if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
+                return False
+        serving = [r for r in view if r["role"] == "master" and r["slots"]]
+        return len(serving) == len(self.nodes) // 2 and all(r["role"] == "replica" for r in view if r not in serving)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok, all 16384 slots served, nobody failing."""
+        _wait("redis cluster healthy", self.healthy, timeout, lambda: repr(self._view()))
+
+    def kill_master(self, key: str | None = None) -> RedisServer:
+        """SIGKILL a primary (the one serving ``key``'s slot if given) and return it."""
+        victim = self.master_for(key) if key is not None else self.masters()[0]
+        self._killed_slots = next(r["slots"] for r in self._view() if r["port"] == str(victim.port))
+        victim.kill()
+        return victim
+
+    def master_for(self, key: str) -> RedisServer:
+        import redis
+
+        client = redis.Redis(port=self.masters()[0].port, socket_timeout=1, decode_responses=True)
+        try:
+            slot = int(str(client.execute_command("CLUSTER KEYSLOT", key)))
+        finally:
+            client.close()
+        for row in self._view():
+            if row["role"] != "master" or row["failed"]:
+                continue
+            for part in row["slots"].split():
+                if part.startswith("["):
+                    continue  # a slot being migrated
+                lo, _, hi = part.partition("-")
+                if int(lo) <= slot <= int(hi or lo):
+                    return next(n for n in self.nodes if str(n.port) == row["port"])
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def wait_failover(self, victim: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Until a replica has taken over ``victim``'s slots and the cluster is ok; returns the new primary."""
+        _wait(
+            "redis cluster failover",
+            lambda: (
+                any(n.info("cluster-state").get("cluster_state") == "ok" for n in self.nodes if n.running)
+                and len(self.masters()) == len(self.nodes) // 2
+            ),
+            timeout,
+            lambda: repr(self._view()),
+        )
+        row = next(r for r in self._view() if r["role"] == "master" and r["slots"] == self._killed_slots)
+        return next(n for n in self.nodes if str(n.port) == row["port"])
+
+    def restore(self, timeout: float = 30.0) -> None:
+        """Restart every stopped node (it rejoins as a replica) and wait until all is healthy again."""
+        for node in self.nodes:
+            if not node.running:
+                node.start()
+        self.wait_healthy(timeout)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+class RedisSentinelServer:
+    """A real Sentinel setup on loopback: one primary, one replica, three sentinels (quorum 2).
+
+    Short ``down-after-milliseconds`` and ``failover-timeout`` make a failover take about
+    two seconds. ``url`` is facegate's ``redis+sentinel://`` address.
+    """
+
+    MASTER_NAME = "fgmaster"
+
+    def __init__(self, *, down_after_ms: int = 500, failover_timeout_ms: int = 2000, log: Path | None = None) -> None:
+        self.data: list[RedisServer] = []
+        self.sentinels: list[RedisServer] = []
+        try:
+            primary = RedisServer(log=log, args=FAST_SYNC)
+            self.data.append(primary)
+            self.data.append(RedisServer(log=log, args=[*FAST_SYNC, "--replicaof", "127.0.0.1", str(primary.port)]))
+            name = self.MASTER_NAME
+            conf = "\n".join(
+                [
+                    f"sentinel monitor {name} 127.0.0.1 {primary.port} 2",
+                    f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                    f"sentinel failover-timeout {name} {failover_timeout_ms}",
+                    f"sentinel parallel-syncs {name} 1",
+                    "",
+                ]
+            )
+            for _ in range(3):
+                self.sentinels.append(RedisServer(log=log, sentinel_conf=conf))
+            self.wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        self.url = f"redis+sentinel://{hosts}/{name}"
+
+    def master_port(self) -> int | None:
+        """The primary's port as the sentinels see it (the majority's answer), None if they disagree."""
+        import redis
+
+        seen: list[int] = []
+        for s in self.sentinels:
+            if not s.running:
+                continue
+            client = redis.Redis(port=s.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+            try:
+                addr = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.MASTER_NAME)
+                if addr:
+                    seen.append(int(addr[1]))
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+        if len(seen) >= 2 and len(set(seen)) == 1:
+            return seen[0]
+        return None
+
+    def master(self) -> RedisServer:
+        port = self.master_port()
+        return next(n for n in self.data if n.port == port)
+
+    def healthy(self) -> bool:
+        port = self.master_port()
+        primary = next((n for n in self.data if n.port == port and n.running), None)
+        if primary is None or primary.info("replication").get("role") != "master":
+            return False
+        # Every running data node is a replica of it, in sync; every sentinel knows the others.
+        for node in self.data:
+            if node is primary or not node.running:
+                continue
+            repl = node.info("replication")
+            if repl.get("role") != "slave" or repl.get("master_port") != str(port):
+                return False
+            if repl.get("master_link_status") != "up":
+                return False
+        for s in self.sentinels:
+            if f"'sentinels': {len(self.sentinels)}" not in s.info("sentinel").get("master0", ""):
+                return False  # redis-py parses master0 into a dict: its str is what info() keeps
+        return True
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        _wait("redis sentinel setup healthy", self.healthy, timeout)
+
+    def kill_master(self) -> RedisServer:
+        victim = self.master()
+        victim.kill()
+        return victim
+
+    def wait_failover(self, victim: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Until the sentinels agree on a new primary that answers as one; returns it."""
+
+        def promoted() -> bool:
+            port = self.master_port()
+            node = next((n for n in self.data if n.port == port and n.running), None)
+            return node is not None and node is not victim and node.info("replication").get("role") == "master"
+
+        _wait("sentinel failover", promoted, timeout)
+        return self.master()
+
+    def restore(self, timeout: float = 30.0) -> None:
+        """Restart stopped nodes, an old primary as a replica of the new one (as an orchestrator
+        would; the sentinels would convert it too, but only after about ten seconds)."""
+        port = self.master_port()
+        for node in self.data:
+            if not node.running:
+                if port is not None and node.port != port:
+                    node.args = [*FAST_SYNC, "--replicaof", "127.0.0.1", str(port)]
+                node.start()
+        for node in self.sentinels:
+            if not node.running:
+                node.start()
+        self.wait_healthy(timeout)
+
+    def close(self) -> None:
+        for node in [*self.sentinels, *self.data]:
+            node.close()
+
+
+def redis_client(url: str) -> Any:
+    """A synchronous client for any of facegate's Redis URLs (tests peek at keys with it)."""
+    import redis
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.sentinel import Sentinel
+
+    from app.redisurl import parse
+
+    target = parse(url)
+    if target.kind == "single":
+        return redis.Redis.from_url(url)
+    nodes = list(target.nodes)
+    if target.kind == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], require_full_coverage=False)
+    return Sentinel(nodes, socket_timeout=2).master_for(target.master, socket_timeout=2)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import SlotNotCoveredError
 
 from app.redisconn import COOLDOWN_S, RedisDown, RedisHealth
 
@@ -57,3 +58,13 @@ async def test_a_hung_operation_is_cut_at_the_timeout() -> None:
 
     with pytest.raises(RedisDown):
         await health.run("cache", hang)
+
+
+async def test_cluster_errors_that_are_not_redis_errors_are_redis_down_too() -> None:
+    """During a cluster failover redis-py can raise SlotNotCoveredError, which is no RedisError."""
+
+    async def uncovered() -> None:
+        raise SlotNotCoveredError('Slot "42" is not covered by the cluster.')
+
+    with pytest.raises(RedisDown):
+        await RedisHealth().run("cache", uncovered)

@@ -126,3 +126,56 @@ def test_readme_documents_every_error_code() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [code for code, spec in CATALOGUE.items() if f"| `{code}` | {spec.status} |" not in readme]
     assert not missing, f"README's error table lacks (or has the wrong status for): {missing}"
+
+
+@pytest.mark.parametrize(
+    ("url", "kind", "nodes", "master"),
+    [
+        ("redis://h:1/0", "single", (), ""),
+        ("unix:///run/redis.sock", "single", (), ""),
+        ("redis+cluster://a:7000,b:7001,c", "cluster", (("a", 7000), ("b", 7001), ("c", 6379)), ""),
+        ("rediss+cluster://u:p@a:7000/?ssl_cert_reqs=none", "cluster", (("a", 7000),), ""),
+        ("redis+sentinel://s1,s2:26380/mymaster", "sentinel", (("s1", 26379), ("s2", 26380)), "mymaster"),
+        ("rediss+sentinel://:p@[::1]:5000/m/2", "sentinel", (("::1", 5000),), "m"),
+    ],
+)
+def test_redis_url_forms(url: str, kind: str, nodes: tuple[tuple[str, int], ...], master: str) -> None:
+    from app.redisurl import parse
+
+    target = parse(url)
+    assert (target.kind, target.nodes, target.master) == (kind, nodes, master)
+    if kind != "single":
+        assert target.options_url.startswith("rediss://" if url.startswith("rediss") else "redis://")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://u:hunter2@h",
+        "redis+sentinel://u:hunter2@s1:26379",  # no master name
+        "redis+sentinel://u:hunter2@s1:99999/m",
+        "redis+sentinel://u:hunter2@s1/m/zero",
+        "redis+cluster://u:hunter2@a:1/3",  # a cluster has only db 0
+        "redis+cluster://u:hunter2@a:1,:2",
+        "redis://u:hunter2@h:1/0?socket_timeout=soon",
+    ],
+)
+def test_bad_redis_urls_are_one_line_without_the_password(url: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(redis_url=url, _env_file=None)
+    line = describe_error(info.value)
+    assert line.startswith("invalid configuration: FACEGATE_REDIS_URL: ") and "hunter2" not in line
+    assert "\n" not in line
+
+
+def test_sentinel_settings_are_masked_in_check(tmp_path: Path) -> None:
+    (tmp_path / "tenants.toml").write_text(f'[tenants.a]\nkey_sha256 = ["{hash_key("x")}"]\n')
+    env = {
+        "FACEGATE_REDIS_URL": "redis+sentinel://app:data-secret@s1:26379,s2:26379/mymaster?password=query-secret",
+        "FACEGATE_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+    }
+    out = run_cli("check", env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for secret in ("data-secret", "query-secret", "sentinel-secret"):
+        assert secret not in out.stdout + out.stderr
+    assert "s1:26379,s2:26379/mymaster" in out.stdout
