@@ -381,7 +381,7 @@ async def _analyze_all(args: argparse.Namespace) -> int:
             if stop.is_set():
                 return None
             try:
-                return await client.analyze_detailed(path, landmarks=args.landmarks, no_cache=args.no_cache)
+                return await client.analyze_detailed(path, landmarks=args.landmarks, force=args.force)
             except FacegateError as exc:
                 if exc.code in _FATAL_CODES:
                     stop.set()
@@ -486,7 +486,11 @@ def parser() -> argparse.ArgumentParser:
     analyze.add_argument("--key", help="tenant key (default $FACEGATE_KEY)")
     analyze.add_argument("--json", action="store_true", help="print the v1 JSON, one document per line")
     analyze.add_argument("--landmarks", action="store_true", help="include landmarks and pupils (list shape)")
-    analyze.add_argument("--no-cache", action="store_true", help="skip facegate's cache (a billable call)")
+    analyze.add_argument(
+        "--force",
+        action="store_true",
+        help="a fresh, billable analysis even if cached (X-Facegate-Force; the tenant needs allow_force)",
+    )
     analyze.add_argument("--concurrency", type=int, default=4, help="images in flight at once (default 4)")
     analyze.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt (default 60)")
     analyze.add_argument("--progress", action="store_true", help="show progress on stderr even when not a TTY")

@@ -56,6 +56,7 @@ __all__ = [
     "ConnectionFailed",
     "FacegateClient",
     "FacegateError",
+    "Forbidden",
     "ImageSource",
     "InvalidImage",
     "NotFound",
@@ -126,6 +127,10 @@ class Unauthorized(FacegateError):
     """The key is missing, unknown or revoked (401)."""
 
 
+class Forbidden(FacegateError):
+    """The key is valid but may not do this (403): ``force_not_allowed``, ``operator_required``."""
+
+
 class RateLimited(FacegateError):
     """Too many requests right now (429 ``rate_limited``); ``retry_after`` says when to come back."""
 
@@ -157,6 +162,8 @@ class ConnectionFailed(FacegateError):
 
 _BY_CODE: Final[dict[str, type[FacegateError]]] = {
     "unauthorized": Unauthorized,
+    "operator_required": Forbidden,
+    "force_not_allowed": Forbidden,
     "rate_limited": RateLimited,
     "quota_exceeded": QuotaExceeded,
     "image_missing": InvalidImage,
@@ -173,6 +180,7 @@ _BY_CODE: Final[dict[str, type[FacegateError]]] = {
     "upstream_timeout": UpstreamError,
     "overloaded": ServiceUnavailable,
     "quota_unavailable": ServiceUnavailable,
+    "cache_unavailable": ServiceUnavailable,
     "internal_error": ServiceUnavailable,
 }
 
@@ -180,7 +188,15 @@ _BY_CODE: Final[dict[str, type[FacegateError]]] = {
 #: (the company's ailabapi account is empty) needs an operator, and ``upstream_timeout`` was
 #: already retried by facegate within its own deadline.
 _TRANSIENT: Final = frozenset(
-    {"rate_limited", "quota_exceeded", "upstream_unavailable", "overloaded", "quota_unavailable", "http_503"}
+    {
+        "rate_limited",
+        "quota_exceeded",
+        "upstream_unavailable",
+        "overloaded",
+        "quota_unavailable",
+        "cache_unavailable",
+        "http_503",
+    }
 )
 
 
@@ -414,10 +430,11 @@ def _content_type(name: str) -> str:
     return guessed if guessed and guessed.startswith("image/") else "application/octet-stream"
 
 
-def _analyze_request(landmarks: bool, no_cache: bool, no_store: bool) -> tuple[dict[str, str], dict[str, str]]:
+def _analyze_request(landmarks: bool, force: bool, no_store: bool) -> tuple[dict[str, str], dict[str, str]]:
     params = {"landmarks": "true"} if landmarks else {}
-    directives = [d for d, on in (("no-cache", no_cache), ("no-store", no_store)) if on]
-    headers = {"Cache-Control": ", ".join(directives)} if directives else {}
+    headers = {"Cache-Control": "no-store"} if no_store else {}
+    if force:
+        headers["X-Facegate-Force"] = "1"
     return params, headers
 
 
@@ -504,18 +521,20 @@ class FacegateClient:
         self._headers = _headers(key)
 
     def analyze(
-        self, image: ImageSource, *, landmarks: bool = False, no_cache: bool = False, no_store: bool = False
+        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
     ) -> AnalysisV1:
-        """Analyze an image (path, bytes or binary file). ``no_cache`` forces a fresh, billable call;
-        ``landmarks`` adds the 105 landmarks and pupils when ailabapi gives them (list shape)."""
-        return self.analyze_detailed(image, landmarks=landmarks, no_cache=no_cache, no_store=no_store).analysis
+        """Analyze an image (path, bytes or binary file). ``force`` pays for a fresh analysis even when
+        the image is cached (``X-Facegate-Force``; only for tenants with ``allow_force``, else
+        403 ``force_not_allowed``); ``no_store`` keeps facegate from storing the answer; ``landmarks``
+        adds the 105 landmarks and pupils when ailabapi gives them (list shape)."""
+        return self.analyze_detailed(image, landmarks=landmarks, force=force, no_store=no_store).analysis
 
     def analyze_detailed(
-        self, image: ImageSource, *, landmarks: bool = False, no_cache: bool = False, no_store: bool = False
+        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
     ) -> AnalyzeResult:
         """Like :meth:`analyze`, plus the Cache-Status, request id and rate-limit headers."""
         part = _image_part(image)
-        params, headers = _analyze_request(landmarks, no_cache, no_store)
+        params, headers = _analyze_request(landmarks, force, no_store)
 
         headers = {**self._headers, **headers}
         url = self.base_url + ANALYZE_PATH
@@ -597,20 +616,20 @@ class AsyncFacegateClient:
         self._headers = _headers(key)
 
     async def analyze(
-        self, image: ImageSource, *, landmarks: bool = False, no_cache: bool = False, no_store: bool = False
+        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
     ) -> AnalysisV1:
-        result = await self.analyze_detailed(image, landmarks=landmarks, no_cache=no_cache, no_store=no_store)
+        result = await self.analyze_detailed(image, landmarks=landmarks, force=force, no_store=no_store)
         return result.analysis
 
     async def analyze_detailed(
-        self, image: ImageSource, *, landmarks: bool = False, no_cache: bool = False, no_store: bool = False
+        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
     ) -> AnalyzeResult:
         part = _image_part(image)
         if isinstance(part, Path):
             # Read once, off the event loop: images are capped at 20 MiB, and bytes make retries trivial.
             data = await asyncio.to_thread(part.read_bytes)
             part = (part.name, data, _content_type(part.name))
-        params, headers = _analyze_request(landmarks, no_cache, no_store)
+        params, headers = _analyze_request(landmarks, force, no_store)
         url = self.base_url + ANALYZE_PATH
         files = {"image": part}
         response, attempts = await self._send(

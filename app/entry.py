@@ -9,13 +9,16 @@ in-process cache hands out again and again.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any, Final, Literal
 
 import orjson
 
+from app.policy import strip_raw
 from app.schema.normalize import Face, normalize_faces
 from app.upstream import contract
 from app.upstream.contract import Shape, UpstreamCode
@@ -60,6 +63,28 @@ class Entry:
         if found is None:
             found = self._faces[landmarks] = normalize_faces(self.raw, landmarks=landmarks)
         return found
+
+    def age_s(self, now: float | None = None) -> float:
+        """Seconds since the upstream analysed it (``analyzed_at``); unreadable dates are very old."""
+        try:
+            when = datetime.fromisoformat(self.analyzed_at.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return float("inf")
+        return (time.time() if now is None else now) - when
+
+    def without(self, omit: frozenset[str]) -> Entry:
+        """This entry with the upstream fields behind the v1 fields ``omit`` removed (what is stored)."""
+        if not omit:
+            return self
+        stripped = strip_raw(self.raw, omit)
+        return Entry.fresh(
+            stripped,
+            orjson.dumps(stripped),
+            status=self.status,
+            provider=self.provider,
+            analyzed_at=self.analyzed_at,
+            image=self.image,
+        )
 
     def encode(self) -> bytes:
         """One JSON line of metadata, a newline, then the upstream's bytes untouched."""

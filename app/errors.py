@@ -32,6 +32,7 @@ class ErrorSpec:
 CATALOGUE: Final[dict[str, ErrorSpec]] = {
     "unauthorized": ErrorSpec(401, "Missing or unknown API key", 401, "ERROR_USER_NOT_EXISTS"),
     "operator_required": ErrorSpec(403, "An operator key is required", 403, "ERROR_ILLEGAL_OPERATION"),
+    "force_not_allowed": ErrorSpec(403, "This tenant may not force a fresh analysis", 403, "ERROR_ILLEGAL_OPERATION"),
     "credentials_in_query": ErrorSpec(400, "API keys are not accepted in the URL", 400, "ERROR_INVALID_PARAMETER"),
     "rate_limited": ErrorSpec(429, "Rate limit exceeded", 429, "EXCEEDING_LIMITS"),
     "quota_exceeded": ErrorSpec(429, "Quota exhausted", 429, "ERROR_NOT_ENOUGH_CREDITS"),

@@ -38,7 +38,7 @@ log = logging.getLogger("facegate.service")
 
 @dataclass(frozen=True, slots=True)
 class AnalyzeOptions:
-    no_cache: bool = False  # skip the lookup (a billable call), still store
+    no_cache: bool = False  # a forced analysis: skip the lookup (a billable call), still store
     no_store: bool = False  # do not store the answer
 
 
@@ -100,7 +100,7 @@ class AnalyzeService:
         ctx.image_bytes = upload.size
         key = self.key_for(tenant, upload.sha256)
         if not opts.no_cache:
-            found = await self._cache_get(key)
+            found = await self._cache_get(key, tenant.policy.max_age_s)
             if found is not None:
                 entry, ttl = found
                 await self._admit(ctx, tenant, reserve=False, record="hits")
@@ -120,7 +120,11 @@ class AnalyzeService:
             admission = await self._admit(ctx, tenant, reserve=True, record="misses")
         except Problem as refused:
             # Over quota, but someone else may be paying for this very image (another replica).
-            free = None if opts.no_cache or refused.code != "quota_exceeded" else await self._paid_by_others(ctx, key)
+            free = (
+                None
+                if opts.no_cache or refused.code != "quota_exceeded"
+                else await self._paid_by_others(ctx, key, tenant.policy.max_age_s)
+            )
             if free is None:
                 raise
             return free
@@ -160,7 +164,7 @@ class AnalyzeService:
         """A cached analysis by image hash, without an upload. Never billable."""
         ctx.tenant = tenant.name
         await self._admit(ctx, tenant, reserve=False)
-        return await self._cache_get(self.key_for(tenant, sha256))
+        return await self._cache_get(self.key_for(tenant, sha256), tenant.policy.max_age_s)
 
     async def count_request(self, ctx: RequestContext, tenant: Tenant) -> None:
         """Rate-limit a request that ended before the use case (e.g. a refused upload): every
@@ -244,7 +248,9 @@ class AnalyzeService:
         except QuotaUnavailable:
             log.error("could not %s a reservation of %s", "commit" if spent else "refund", reservation.tenant)
 
-    async def _cache_get(self, key: str) -> tuple[Entry, float] | None:
+    async def _cache_get(self, key: str, max_age_s: float | None = None) -> tuple[Entry, float] | None:
+        """The cached entry and its remaining TTL; None when absent, unreadable or older than
+        ``max_age_s`` (the tenant's ``max_age_s`` policy)."""
         try:
             found = await self.cache.get(key)
         except CacheError:
@@ -252,23 +258,27 @@ class AnalyzeService:
         if found is None:
             return None
         entry = self._entries.decode(key, found[0])
-        return (entry, found[1]) if entry is not None else None
+        if entry is None or (max_age_s is not None and entry.age_s() > max_age_s):
+            return None
+        return entry, found[1]
 
-    async def _cache_set(self, key: str, entry: Entry, data: bytes, tenant: str) -> bool:
-        ttl = self.config.cache_ttl_s if entry.verdict is None else self.config.negative_ttl_s
+    async def _cache_set(self, key: str, entry: Entry, data: bytes, tenant: Tenant) -> bool:
+        ttl = tenant.policy.cache_ttl_s or self.config.cache_ttl_s
+        if entry.verdict is not None:
+            ttl = min(ttl, self.config.negative_ttl_s)
         try:
             # Indexed first: an entry that a tenant purge could not find must never exist.
-            await self.index.add(tenant, key, ttl)
+            await self.index.add(tenant.name, key, ttl)
             await self.cache.set(key, data, ttl)
         except CacheError:
             return False
         return True
 
-    async def _paid_by_others(self, ctx: RequestContext, key: str) -> Entry | None:
+    async def _paid_by_others(self, ctx: RequestContext, key: str, ctx_max_age: float | None) -> Entry | None:
         """An answer that costs this tenant nothing: stored since the lookup, or in flight on
         another replica (whose leader holds the reservation that made this one fail). Only
         on the quota-refused path, so the admitted path keeps its single round trip."""
-        found = await self._cache_get(key)
+        found = await self._cache_get(key, ctx_max_age)
         if found is not None:
             ctx.cache = CacheStatus(hit=True, ttl=found[1])
             return found[0]
@@ -315,7 +325,7 @@ class AnalyzeService:
 
         try:
             if not opts.no_cache:
-                won = await self._win(key)
+                won = await self._win(key, tenant.policy.max_age_s)
                 if isinstance(won, _FlightResult):
                     await settle(False)
                     return won
@@ -332,20 +342,25 @@ class AnalyzeService:
                 lease = None
                 raise failure.problem from None
             data = entry.encode()
+            policy = tenant.policy
             cacheable = (
                 (entry.verdict is None or entry.verdict.cacheable)
                 and not opts.no_store
+                and policy.store
+                # A shared entry is read by every tenant: only full answers of storing tenants go there.
+                and (self.config.cache_scope == "tenant" or policy.shares_entries)
                 and not self._deleted_since(seen, key, tenant.name)
             )
+            stored = entry.without(policy.omit).encode() if cacheable and policy.omit else data
             # Three independent Redis writes (quota, cache, lease + notification) in parallel:
             # each is a round trip, and they are on the path of every paid answer.
-            _, stored, _ = await asyncio.gather(
+            _, was_stored, _ = await asyncio.gather(
                 settle(answer.billed),
-                self._cache_set(key, entry, data, tenant.name) if cacheable else _false(),
+                self._cache_set(key, entry, stored, tenant) if cacheable else _false(),
                 self._release(lease, Outcome("done", data)),
             )
             lease = None
-            return _FlightResult(entry, "fresh", stored, report.attempts, report.upstream_s)
+            return _FlightResult(entry, "fresh", was_stored, report.attempts, report.upstream_s)
         except BaseException:
             await settle(False)
             if lease is not None:
@@ -357,7 +372,7 @@ class AnalyzeService:
             if not self._flights_since[seen]:
                 del self._flights_since[seen]
 
-    async def _win(self, key: str) -> Lease | _FlightResult | None:
+    async def _win(self, key: str, max_age_s: float | None) -> Lease | _FlightResult | None:
         """Lead ``key`` across replicas, or end up with the answer another replica produced.
 
         None means "lead without a lease": coordination is unavailable, and paying for
@@ -370,7 +385,7 @@ class AnalyzeService:
             except CacheError:
                 return None  # coordination down: fail open, lead without a lease
             if lease is not None:
-                found = await self._cache_get(key)  # a remote leader may have just finished
+                found = await self._cache_get(key, max_age_s)  # a remote leader may have just finished
                 if found is None:
                     return lease
                 await self._release(lease, Outcome("abandoned"))
@@ -388,7 +403,7 @@ class AnalyzeService:
                     return _FlightResult(entry, "remote", False, 0, None)
             elif outcome.kind == "error":
                 raise _decode_problem(outcome.payload)
-            found = await self._cache_get(key)
+            found = await self._cache_get(key, max_age_s)
             if found is not None:
                 return _FlightResult(found[0], "cached", False, 0, None)
 

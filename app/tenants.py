@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from app.audit import audit
+from app.policy import DEFAULT_POLICY, POLICY_FIELDS, Policy, PolicyError, parse_policy
 
 log = logging.getLogger("facegate.tenants")
 
@@ -59,6 +60,8 @@ class Limits:
 class Tenant:
     name: str
     limits: Limits
+    #: Retention and field policy (``app/policy.py``): store, omit, cache_ttl_s, max_age_s, allow_force.
+    policy: Policy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +137,11 @@ class TenantRegistry:
             # A typo like [tenant.x] would otherwise silently leave every tenant out.
             raise TenantsFileError(f"unknown top-level setting(s) {', '.join(sorted(unknown_tables))}")
         raw_defaults = data.get("defaults", {})
-        if isinstance(raw_defaults, dict) and set(raw_defaults) - set(DEFAULT_LIMITS):
-            extra = sorted(set(raw_defaults) - set(DEFAULT_LIMITS))
+        if isinstance(raw_defaults, dict) and set(raw_defaults) - set(DEFAULT_LIMITS) - POLICY_FIELDS:
+            extra = sorted(set(raw_defaults) - set(DEFAULT_LIMITS) - POLICY_FIELDS)
             raise TenantsFileError(f"[defaults]: unknown setting(s) {', '.join(extra)}")
         defaults = _limits(dict(DEFAULT_LIMITS), raw_defaults, "defaults")
+        default_policy = _policy(raw_defaults, DEFAULT_POLICY, "defaults")
         tenants_table = data.get("tenants", {})
         if not isinstance(tenants_table, dict):
             raise TenantsFileError("[tenants] must be a table of tenants")
@@ -148,7 +152,7 @@ class TenantRegistry:
                 raise TenantsFileError(f"tenant name {name!r}: use 1-64 letters, digits, '_' or '-'")
             if not isinstance(table, dict):
                 raise TenantsFileError(f"[tenants.{name}] must be a table")
-            unknown = set(table) - {"key_sha256", "disabled", *DEFAULT_LIMITS}
+            unknown = set(table) - {"key_sha256", "disabled", *DEFAULT_LIMITS, *POLICY_FIELDS}
             if unknown:
                 raise TenantsFileError(f"[tenants.{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
             hashes = table.get("key_sha256", [])
@@ -158,7 +162,10 @@ class TenantRegistry:
                 raise TenantsFileError(f"[tenants.{name}]: key_sha256 must list at least one key hash")
             if table.get("disabled", False) is True:
                 continue
-            tenants[name] = Tenant(name, _limits(_as_dict(defaults), table, f"tenants.{name}"))
+            where = f"tenants.{name}"
+            tenants[name] = Tenant(
+                name, _limits(_as_dict(defaults), table, where), _policy(table, default_policy, where)
+            )
             for digest in hashes:
                 if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
                     raise TenantsFileError(f"[tenants.{name}]: key_sha256 entries must be 64 hex characters")
@@ -216,6 +223,13 @@ def _operators(table: Any, tenant_keys: Mapping[str, str]) -> dict[str, str]:
                 raise TenantsFileError(f"[operators.{name}]: a key hash is also used by operator {owners[digest]}")
             owners[digest] = name
     return owners
+
+
+def _policy(table: Any, base: Policy, where: str) -> Policy:
+    try:
+        return parse_policy(table, base, where)
+    except PolicyError as exc:
+        raise TenantsFileError(str(exc)) from None
 
 
 def _as_dict(limits: Limits) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
 from app.api.openapi import UPLOAD_BODY
 from app.api.uploads import analyze_request
+from app.policy import strip_body
 from app.upstream import contract
 
 router = APIRouter(tags=["ailabapi-compatible"])
@@ -53,4 +54,4 @@ async def face_analyzer_advanced(
     """Same request as ailabapi (multipart field `image`, tenant key in `ailabapi-api-key`); the
     answer is ailabapi's JSON, from the cache or live, including its error envelopes."""
     entry = await analyze_request(request, rt, ctx, tenant, opts)
-    return Response(entry.body, status_code=entry.status, media_type="application/json")
+    return Response(strip_body(entry.body, tenant.policy.omit), status_code=entry.status, media_type="application/json")

@@ -147,10 +147,24 @@ async def authenticate_caller(request: Request) -> Caller:
     return caller
 
 
-def cache_options(request: Request) -> AnalyzeOptions:
-    """``Cache-Control: no-cache`` forces a fresh (billable) call; ``no-store`` skips storing."""
+#: The one way to pay for a fresh analysis of an image already cached (tenants with ``allow_force``).
+FORCE_HEADER = "X-Facegate-Force"
+_YES = frozenset({"1", "true", "yes"})
+
+
+async def cache_options(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> AnalyzeOptions:
+    """``X-Facegate-Force: 1`` forces a fresh (billable) analysis — only for tenants with
+    ``allow_force``, else 403 ``force_not_allowed``. ``Cache-Control: no-cache`` no longer does:
+    browsers send it on every reload, and a reload must not pay again. ``no-store`` skips storing."""
     directives = {d.strip().split("=", 1)[0].lower() for d in request.headers.get("cache-control", "").split(",")}
-    return AnalyzeOptions(no_cache="no-cache" in directives, no_store="no-store" in directives)
+    force = request.headers.get(FORCE_HEADER, "").strip().lower() in _YES
+    if force and not tenant.policy.allow_force:
+        await get_runtime(request).service.count_request(get_context(request), tenant)
+        raise Problem(
+            "force_not_allowed",
+            f"{FORCE_HEADER} (a fresh, billable analysis) needs allow_force = true in this tenant's settings",
+        )
+    return AnalyzeOptions(no_cache=force, no_store="no-store" in directives)
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -44,8 +44,17 @@ UPLOAD_BODY: dict[str, Any] = {
             "in": "header",
             "required": False,
             "schema": {"type": "string"},
-            "description": "`no-cache`: skip the cache lookup (a billable call); `no-store`: do not store the answer.",
-        }
+            "description": "`no-store`: do not store the answer. `no-cache` is ignored (a browser reload "
+            "must not pay again): use X-Facegate-Force.",
+        },
+        {
+            "name": "X-Facegate-Force",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "enum": ["1", "true"]},
+            "description": "A fresh, billable analysis even when the image is cached; only for tenants with "
+            "`allow_force = true` (else 403 `force_not_allowed`). Counted as `forced` in usage and history.",
+        },
     ],
 }
 

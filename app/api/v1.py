@@ -18,6 +18,7 @@ from app.context import CacheStatus, RequestContext
 from app.entry import Entry
 from app.errors import Problem
 from app.limits import Usage
+from app.policy import null_fields
 from app.schema.normalize import build_analysis
 from app.schema.v1 import AnalysisV1
 from app.upstream.contract import Kind
@@ -27,8 +28,9 @@ router = APIRouter(prefix="/v1", tags=["v1"])
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, Any]:
-    """The v1 body for an entry; an upstream refusal of the image becomes a problem."""
+def render(ctx: RequestContext, entry: Entry, *, landmarks: bool, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The v1 body for an entry, without the tenant's ``omit`` fields; an upstream refusal of the
+    image becomes a problem."""
     verdict = entry.verdict
     if verdict is not None and verdict.kind is not Kind.NO_FACE:
         raise Problem(
@@ -38,16 +40,19 @@ def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, A
             upstream_status=entry.status,
         )
     cache = ctx.cache or CacheStatus(hit=False)
-    return build_analysis(
-        entry.raw,
-        request_id=ctx.request_id,
-        image=entry.image,
-        provider=entry.provider,
-        upstream_request_id=entry.upstream_request_id,
-        cached=cache.hit,
-        analyzed_at=entry.analyzed_at,
-        landmarks=landmarks,
-        normalized=entry.faces(landmarks=landmarks),
+    return null_fields(
+        build_analysis(
+            entry.raw,
+            request_id=ctx.request_id,
+            image=entry.image,
+            provider=entry.provider,
+            upstream_request_id=entry.upstream_request_id,
+            cached=cache.hit,
+            analyzed_at=entry.analyzed_at,
+            landmarks=landmarks,
+            normalized=entry.faces(landmarks=landmarks),
+        ),
+        omit,
     )
 
 
@@ -55,7 +60,7 @@ def render(ctx: RequestContext, entry: Entry, *, landmarks: bool) -> dict[str, A
     "/faces/analyze",
     summary="Analyze the faces in an image",
     response_model=AnalysisV1,
-    responses=problems(400, 401, 408, 413, 415, 422, 429, 502, 503, 504),
+    responses=problems(400, 401, 403, 408, 413, 415, 422, 429, 502, 503, 504),
     openapi_extra=UPLOAD_BODY,
 )
 async def analyze(
@@ -72,7 +77,7 @@ async def analyze(
     """Answers from the cache when this image was analyzed before (free), otherwise calls ailabapi
     (one billable call counted against the tenant's quota). Identical concurrent uploads share one call."""
     entry = await analyze_request(request, rt, ctx, tenant, opts)
-    return json_response(render(ctx, entry, landmarks=landmarks))
+    return json_response(render(ctx, entry, landmarks=landmarks, omit=tenant.policy.omit))
 
 
 @router.get(
@@ -97,7 +102,7 @@ async def cached_analysis(
         raise Problem("not_found", "no cached analysis of that image for this tenant")
     entry, ttl = found
     ctx.cache = CacheStatus(hit=True, ttl=ttl)
-    return json_response(render(ctx, entry, landmarks=landmarks))
+    return json_response(render(ctx, entry, landmarks=landmarks, omit=tenant.policy.omit))
 
 
 @router.delete(

@@ -123,7 +123,7 @@
     const body = new FormData();
     body.append("image", file, file.name);
     const headers = { Authorization: "Bearer " + key, Accept: "application/json" };
-    if ($("no-cache").checked) headers["Cache-Control"] = "no-cache";
+    if ($("no-cache").checked) headers["X-Facegate-Force"] = "1";
     const url = "v1/faces/analyze" + ($("landmarks").checked ? "?landmarks=true" : "");
     statusLine.textContent = "Analyzing " + file.name + "…";
     button.disabled = true;
@@ -136,8 +136,8 @@
         headers,
         signal: controller.signal,
         credentials: "omit",
-        // No `cache: "no-store"`/`"reload"`: browsers then send Cache-Control: no-cache,
-        // which facegate honours as "skip the cache" — a billable call on every try.
+        // No `cache: "no-store"`/`"reload"`: pointless here (facegate ignores Cache-Control:
+        // no-cache; a fresh analysis is X-Facegate-Force, for tenants allowed to force).
         referrerPolicy: "no-referrer",
       });
       const text = await response.text();

@@ -40,7 +40,11 @@ from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tena
 from tests.servers import RedisServer, ServerProcess
 
 MISS = "facegate; fwd=uri-miss; stored"
-TENANTS = {"alpha": {}, "beta": {}, "gamma": {"daily_quota": 1, "monthly_quota": 1}}
+TENANTS: dict[str, dict[str, Any]] = {
+    "alpha": {"allow_force": True},
+    "beta": {},
+    "gamma": {"daily_quota": 1, "monthly_quota": 1},
+}
 DAY = 86400
 
 
@@ -200,18 +204,29 @@ def test_transient_errors_are_never_cached(backend: Backend, sim: Sim) -> None:
     assert sim.calls == 2
 
 
-# --- Cache-Control ----------------------------------------------------------------------------
+# --- Cache-Control and X-Facegate-Force -------------------------------------------------------
 
 
-def test_no_cache_skips_the_lookup_but_stores(backend: Backend, sim: Sim) -> None:
+def test_a_browser_reload_costs_nothing_and_forcing_is_explicit(backend: Backend, sim: Sim) -> None:
+    """Cache-Control: no-cache (every browser reload) is answered from the cache; only a tenant
+    allowed to force, with X-Facegate-Force, pays for a fresh analysis (counted as forced)."""
     gw = backend.main
     image = unique_image()
     assert status(post(gw, image)) == MISS
-    forced = post(gw, image, **{"Cache-Control": "no-cache"})
+    reload = post(gw, image, **{"Cache-Control": "no-cache"})
+    assert status(reload).startswith("facegate; hit")
+    assert sim.calls == 1
+    with gw.client("beta") as c:
+        assert status(c.post("/v1/faces/analyze", files={"image": ("x.jpg", image)})) == MISS  # beta's own entry
+        refused = c.post("/v1/faces/analyze", files={"image": ("x.jpg", image)}, headers={"X-Facegate-Force": "1"})
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "force_not_allowed"
+    assert sim.calls == 2
+    forced = post(gw, image, **{"X-Facegate-Force": "1"})
     assert forced.status_code == 200
     assert status(forced) == "facegate; fwd=request; stored"
     assert forced.json()["source"]["cached"] is False
-    assert sim.calls == 2
+    assert sim.calls == 3
     hit = post(gw, image)
     assert status(hit).startswith("facegate; hit")
     assert analysis(hit.json()) == analysis(forced.json())  # the forced answer replaced the entry

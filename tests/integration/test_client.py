@@ -43,7 +43,7 @@ def gw(sim_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> I
         Sim(sim_server),
         tmp_path_factory.mktemp("client-gw"),
         tenants={
-            "alpha": {},
+            "alpha": {"allow_force": True},
             "tiny": {"rate_per_s": 1, "burst": 1},
             "capped": {"daily_quota": 1, "monthly_quota": 1},
         },
@@ -98,7 +98,7 @@ def test_options_cached_lookup_and_usage(gw: Gateway, sim: Sim) -> None:
         assert len(face.landmarks) == 105
         assert face.pupils is not None
         assert fg.analyze(data).faces[0].landmarks is None
-        forced = fg.analyze_detailed(data, no_cache=True)
+        forced = fg.analyze_detailed(data, force=True)
         assert forced.cache_status is not None
         assert "fwd=request" in forced.cache_status
         assert sim.calls == 2

@@ -18,6 +18,7 @@ from app.client import (
     ConnectionFailed,
     FacegateClient,
     FacegateError,
+    Forbidden,
     InvalidImage,
     NotFound,
     QuotaExceeded,
@@ -59,6 +60,9 @@ def _problem_response(code: str, *, retry_after: float | None = None, request_id
 
 EXPECTED: dict[str, type[FacegateError]] = {
     "unauthorized": Unauthorized,
+    "operator_required": Forbidden,
+    "force_not_allowed": Forbidden,
+    "cache_unavailable": ServiceUnavailable,
     "credentials_in_query": BadRequest,
     "rate_limited": RateLimited,
     "quota_exceeded": QuotaExceeded,

@@ -11,6 +11,7 @@ cross-replica case uses two services on a real Redis.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -109,7 +110,7 @@ def service(
             follow_timeout_s=5,
             quota_fail_open=False,
         ),
-        cache=cache or MemoryCache(1 << 20),
+        cache=cache if cache is not None else MemoryCache(1 << 20),
         limiter=limiter or MemoryLimiter(),
         upstream=resilient,
         coordinator=coordinator or LocalCoordinator(),
@@ -347,3 +348,49 @@ async def test_no_store_answers_without_storing() -> None:
     assert len(cache) == 0
     await analyze(svc, who, data)
     assert upstream.calls == 2  # nothing was stored, so the second one paid too
+
+
+# --- per-tenant policy: maximum age, TTL override --------------------------------------------
+
+
+async def test_an_answer_older_than_the_tenants_max_age_is_not_served() -> None:
+    from dataclasses import replace
+
+    from app.entry import Entry
+    from app.policy import Policy
+
+    upstream = ScriptedAilabapi()
+    cache = MemoryCache(1 << 20)
+    svc = service(upstream, cache=cache)
+    data = image()
+    await analyze(svc, tenant(), data)
+    key = svc.key_for(tenant(), hashlib.sha256(data).hexdigest())
+    found = await cache.get(key)
+    assert found is not None
+    old = Entry.decode(found[0])
+    assert old is not None
+    aged = replace(old, analyzed_at="2020-01-01T00:00:00.000000Z")  # the entry says it is years old
+    await cache.set(key, aged.encode(), 60)
+
+    ctx, _ = await analyze(svc, tenant(), data)  # no max age: served
+    assert ctx.cache is not None and ctx.cache.hit
+    picky = replace(tenant(), policy=Policy(max_age_s=3600))
+    ctx, entry = await analyze(svc, picky, data)  # too old for this tenant: a new analysis
+    assert ctx.cache is not None and not ctx.cache.hit
+    assert upstream.calls == 2
+    assert entry.age_s() < 3600
+
+
+async def test_the_tenants_cache_ttl_replaces_the_global_one() -> None:
+    from dataclasses import replace
+
+    from app.policy import Policy
+
+    cache = MemoryCache(1 << 20)
+    svc = service(ScriptedAilabapi(), cache=cache)  # global TTL 60 s
+    brief = replace(tenant(), policy=Policy(cache_ttl_s=5))
+    data = image()
+    await analyze(svc, brief, data)
+    found = await cache.get(svc.key_for(brief, hashlib.sha256(data).hexdigest()))
+    assert found is not None
+    assert 0 < found[1] <= 5

@@ -1,10 +1,12 @@
-"""Deleting cached analyses (issue 15 §1-2): three replicas on one Redis, real sockets.
+"""Data governance (issue 15): deletion and per-tenant policy, three replicas on one Redis.
 
 A deletion on one replica is not served by the others on their very next request — not from
 Redis, not from their local tiers (proved by removing the Redis copy behind facegate's back
 first, so only local tiers still hold it), not from a call that was in flight. Operators
 purge a whole tenant and one image across tenants (HTTP and CLI); in ``shared`` scope only
-they may delete. Every deletion leaves an audit line without keys.
+they may delete. Every deletion leaves an audit line without keys. A ``store = false`` tenant
+leaves no key about its images in Redis and nothing in local tiers; ``omit`` fields are
+absent from answers and from the stored entry.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -24,7 +26,8 @@ import redis
 
 from app.cache import cache_key
 from app.tenants import hash_key
-from tests.cachekit import COMMON_ENV, in_parallel, sha, status, wait_until
+from app.upstream import contract
+from tests.cachekit import COMMON_ENV, in_parallel, send_concurrently, sha, status, wait_until
 from tests.conftest import Gateway, Sim, start_gateway, throwaway_redis, unique_image, write_tenants
 from tests.servers import RedisServer, ServerProcess
 
@@ -46,7 +49,15 @@ class Cluster:
 def cluster(sim_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     server = throwaway_redis()
     tmp = tmp_path_factory.mktemp("deletion")
-    keys = write_tenants(tmp / "tenants.toml", {"alpha": {}, "beta": {}})
+    keys = write_tenants(
+        tmp / "tenants.toml",
+        {
+            "alpha": {},
+            "beta": {},
+            "hr": {"store": False},
+            "lean": {"omit": ["emotion", "gender"], "cache_ttl_s": 60},
+        },
+    )
     env = {
         **COMMON_ENV,
         "FACEGATE_REDIS_URL": server.url,
@@ -221,3 +232,77 @@ def test_in_shared_scope_only_an_operator_deletes(gateway_factory: Any) -> None:
         assert c.delete("/v1/faces/analyses/nothex").json()["code"] == "invalid_request"
     with gw.client(None) as c:
         assert c.delete(f"/v1/faces/analyses/{sha(image)}").status_code == 401
+
+
+# --- policy: store = false, omit, cache_ttl_s -------------------------------------------------
+
+
+def test_a_store_false_tenant_leaves_nothing_in_redis_or_local_tiers(cluster: Cluster, sim: Sim) -> None:
+    images = [unique_image() for _ in range(3)]
+    for i, image in enumerate(images):
+        for gw in cluster.gws:  # every replica, twice: nothing is served from anywhere
+            for _ in range(2):
+                r = gw.analyze(image, tenant="hr")
+                assert r.status_code == 200
+                assert status(r) == "facegate; fwd=uri-miss", "answered, never stored"
+        assert sim.calls == 6 * (i + 1)
+        assert all(lookup(gw, image, "hr").status_code == 404 for gw in cluster.gws)
+    collapsed = send_concurrently(cluster.gws, unique_image(), 9, tenant="hr")
+    assert [s.ok.status_code for s in collapsed] == [200] * 9
+
+    hashes = {sha(image).encode() for image in images}
+    keys = [k.decode() for k in cluster.redis.scan_iter(match=cluster.prefix + ":*", count=1000)]
+    about_hr = [k for k in keys if "hr" in k.split(":", 1)[1]]
+    assert about_hr, "its quota counters exist (they are about calls, not images)"
+    assert all(k.startswith(f"{cluster.prefix}:q:{{hr}}") for k in about_hr), about_hr
+    assert b"hr" not in cluster.redis.smembers(f"{cluster.prefix}:ci:tenants")
+    for key in keys:  # no entry holds its images, whatever the key
+        if key.startswith(cluster.prefix + ":c:"):
+            value = cluster.redis.get(key) or b""
+            assert not any(h in value for h in hashes)
+    assert not [k for k in keys if k.startswith(cluster.prefix + ":sf:")], "no lease left behind"
+
+
+def test_omitted_fields_are_absent_from_answers_and_from_the_stored_entry(cluster: Cluster) -> None:
+    one, two, _ = cluster.gws
+    image = unique_image(sim="faces=2")
+    r = one.analyze(image, tenant="lean")
+    assert status(r) == MISS
+    for answer in (r.json(), two.analyze(image, tenant="lean").json()):
+        assert len(answer["faces"]) == 2
+        for face in answer["faces"]:
+            assert face["emotion"] is None and face["gender"] is None
+            assert face["age"] is not None, "the rest is kept"
+    stored = cast(bytes | None, cluster.redis.get(cluster.redis_key("lean", image)))
+    assert stored is not None
+    body = json.loads(stored.split(b"\n", 1)[1])
+    for info in body["face_detail_infos"]:
+        attributes = info["face_detail_attributes_info"]
+        assert "emotion" not in attributes and "gender" not in attributes
+        assert "age" in attributes
+    assert 0 < cluster.redis.pttl(cluster.redis_key("lean", image)) <= 60_000, "cache_ttl_s = 60"
+    drop_in = httpx.post(
+        two.url + contract.ANALYZE_PATH,
+        headers={contract.KEY_HEADER: two.key("lean")},
+        files={"image": ("a.jpg", image, "image/jpeg")},
+    )
+    assert drop_in.status_code == 200
+    assert "emotion" not in drop_in.text and '"gender"' not in drop_in.text
+    full = one.analyze(image, tenant="alpha").json()  # another tenant's own entry is complete
+    assert all(face["emotion"] is not None for face in full["faces"])
+
+
+def test_in_shared_scope_only_full_answers_of_storing_tenants_are_shared(gateway_factory: Any, sim: Sim) -> None:
+    gw: Gateway = gateway_factory(
+        env={"FACEGATE_CACHE_SCOPE": "shared"},
+        tenants={"alpha": {}, "lean": {"omit": ["emotion"]}, "hr": {"store": False}},
+    )
+    image = unique_image()
+    assert status(gw.analyze(image, tenant="lean")) == "facegate; fwd=uri-miss", "not written to the shared entry"
+    assert status(gw.analyze(image, tenant="hr")) == "facegate; fwd=uri-miss"
+    assert status(gw.analyze(image, tenant="alpha")) == MISS
+    assert gw.analyze(image, tenant="alpha").json()["faces"][0]["emotion"] is not None
+    hit = gw.analyze(image, tenant="lean")
+    assert status(hit).startswith("facegate; hit"), "it reads the shared entry..."
+    assert hit.json()["faces"][0]["emotion"] is None, "...without its omitted fields"
+    assert sim.calls == 3
