@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -23,11 +24,25 @@ LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
 
 
+class QuotaView(Protocol):
+    """What the quota gauges read from an admission (app.quota.QuotaState has these)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def limit(self) -> int | None: ...
+    @property
+    def remaining(self) -> int | None: ...
+    @property
+    def reset_s(self) -> float: ...
+
+
 class Metrics:
     """Every metric facegate exports, in one place so names stay consistent."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._clock = clock  # wall clock: quota windows reset at UTC midnight / the 1st
         r = self.registry
         self.requests = Counter(
             "facegate_http_requests", "HTTP requests answered.", ["route", "method", "status", "tenant"], registry=r
@@ -77,6 +92,25 @@ class Metrics:
         self.tenant_reloads = Counter(
             "facegate_tenants_reloads", "Tenants file reloads, by result.", ["result"], registry=r
         )
+        # Quotas as this process last saw them, from each request's admission (no extra Redis
+        # read): across replicas the freshest remaining is the minimum. Unlimited windows have
+        # no series; a window that has reset since shows its full limit again (see exposition).
+        self.quota_limit = Gauge(
+            "facegate_quota_limit",
+            "Billable calls a tenant may make per quota window (daily, monthly); no series when unlimited.",
+            ["tenant", "window"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.quota_remaining = Gauge(
+            "facegate_quota_remaining",
+            "Billable calls left in the tenant's current quota window, as of this process's latest request.",
+            ["tenant", "window"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        #: (tenant, window) -> (limit, remaining, wall-clock time the window resets)
+        self._quotas: dict[tuple[str, str], tuple[int, int, float]] = {}
 
     def request_done(
         self,
@@ -88,9 +122,11 @@ class Metrics:
         seconds: float,
         cache: str | None,
         outcome: str | None,
+        quotas: Iterable[QuotaView] = (),
     ) -> None:
         """Count one answered request. Label children are kept: ``labels()`` costs a lock and a
-        validation each time, and this runs on every request (values are bounded, see above)."""
+        validation each time, and this runs on every request (values are bounded, see above).
+        ``quotas``: the tenant's quota windows from this request's admission, if it had one."""
         children = self._children.get((route, method, status, tenant))
         if children is None:
             children = self._children[(route, method, status, tenant)] = (
@@ -103,6 +139,32 @@ class Metrics:
             self.cache.labels(cache).inc()
         if outcome in ("rate_limited", "quota_exceeded"):
             self.rejections.labels(outcome, tenant).inc()
+        for quota in quotas:
+            self._quota_seen(tenant, quota)
+
+    def _quota_seen(self, tenant: str, quota: QuotaView) -> None:
+        key = (tenant, quota.name)
+        known = self._quotas.get(key)
+        if quota.limit is None or quota.remaining is None:
+            if known is not None:  # the tenant became unlimited (tenants file reloaded)
+                del self._quotas[key]
+                self.quota_limit.remove(*key)
+                self.quota_remaining.remove(*key)
+            return
+        if known is not None and known[:2] == (quota.limit, quota.remaining) and known[2] > self._clock():
+            return  # the common case (a cache hit changes nothing): no gauge writes
+        self._quotas[key] = (quota.limit, quota.remaining, self._clock() + quota.reset_s)
+        self.quota_limit.labels(*key).set(quota.limit)
+        self.quota_remaining.labels(*key).set(quota.remaining)
+
+    def _expire_quotas(self, now: float) -> None:
+        """A window this process saw has reset: as far as it knows the tenant has its whole new
+        allowance (another replica that served the tenant since reports less, and wins the min)."""
+        for key, (limit, remaining, reset_at) in list(self._quotas.items()):
+            if reset_at <= now:
+                self._quotas[key] = (limit, limit, float("inf"))
+                if remaining != limit:
+                    self.quota_remaining.labels(*key).set(limit)
 
     def exposition(self) -> bytes:
         """The text format for /metrics; with several workers, the sum over all of them.
@@ -111,6 +173,7 @@ class Metrics:
         FACEGATE_WORKERS > 1, ``facegate serve`` sets PROMETHEUS_MULTIPROC_DIR and every
         worker writes its values there; a scrape of any worker then aggregates them all.
         """
+        self._expire_quotas(self._clock())
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

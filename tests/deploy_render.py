@@ -469,7 +469,15 @@ def _build(directory: Path, stack: tuple[Path, ...] = ()) -> list[Resource]:
     return resources
 
 
+def _gvk(resource: Resource) -> str:
+    """kustomize's Gvk.String(): group_version_kind, "~G" for the core group."""
+    group, _, version = str(resource["apiVersion"]).rpartition("/")
+    return "_".join((group or "~G", version, resource["kind"]))
+
+
 def _order(resource: Resource) -> tuple[int, str, str, str]:
+    """Kinds kustomize ranks come in that order; the others (e.g. custom resources) between
+    them, sorted by group_version_kind as kustomize's Gvk.IsLessThan does."""
     kind = resource["kind"]
     if kind in _ORDER_FIRST:
         rank = _ORDER_FIRST.index(kind)
@@ -477,7 +485,7 @@ def _order(resource: Resource) -> tuple[int, str, str, str]:
         rank = len(_ORDER_FIRST) + 1 + _ORDER_LAST.index(kind)
     else:
         rank = len(_ORDER_FIRST)
-    return (rank, kind, resource["metadata"].get("namespace", ""), resource["metadata"]["name"])
+    return (rank, _gvk(resource), resource["metadata"].get("namespace", ""), resource["metadata"]["name"])
 
 
 def render(directory: str | Path) -> list[Resource]:

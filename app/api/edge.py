@@ -96,7 +96,14 @@ class EdgeMiddleware:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         cache = ctx.cache.label if ctx.cache else None
         self.metrics.request_done(
-            route, scope["method"], status, ctx.tenant or "-", seconds=seconds, cache=cache, outcome=ctx.outcome
+            route,
+            scope["method"],
+            status,
+            ctx.tenant or "-",
+            seconds=seconds,
+            cache=cache,
+            outcome=ctx.outcome,
+            quotas=ctx.admission.quotas if ctx.admission is not None else (),
         )
         if not access_log.isEnabledFor(logging.INFO):
             return

@@ -75,6 +75,15 @@ def test_metrics_after_a_scripted_sequence(gateway_factory: Any, sim: Sim) -> No
         k("facegate_http_request_duration_seconds_count", route="/metrics"): 1,  # the "before" scrape
         k("facegate_http_requests_total", route="/metrics", method="GET", status="200", tenant="-"): 1,
     }
+    # Quota gauges, as of each tenant's latest admission (a reservation counts until refunded:
+    # alpha's failed call was reserved when it was admitted, so alpha shows two used).
+    day, month = 100_000, 1_000_000  # conftest's default quotas
+    for tenant, limits, used in (("alpha", (day, month), 2), ("ratey", (day, month), 1), ("quotay", (1, month), 1)):
+        for window, limit in zip(("daily", "monthly"), limits, strict=True):
+            expected[k("facegate_quota_limit", tenant=tenant, window=window)] = limit
+            if limit - used:  # a delta of 0 (quotay's daily remaining) is not listed by delta()
+                expected[k("facegate_quota_remaining", tenant=tenant, window=window)] = limit - used
+    assert scrape(gw)[k("facegate_quota_remaining", tenant="quotay", window="daily")] == 0
     sums = {key for key in got if key[0].endswith("_sum")}
     assert {key: value for key, value in got.items() if key not in sums} == expected
     assert all(got[key] > 0 for key in sums)

@@ -17,6 +17,7 @@ A check skips only when its tool is missing, and says which one.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import importlib.util
@@ -40,6 +41,25 @@ TREES = ["base", "overlays/dev", "overlays/production"]
 OVERLAYS = ["overlays/dev", "overlays/production"]
 APP_UID = 10001
 SANDBOX_UPSTREAM_KEY = "sandbox-key"  # what the simulator accepts in compose and the dev overlay
+OBSERVABILITY = REPO / "deploy" / "observability"
+
+# Custom resources (prometheus-operator) have no schema in kubernetes-validate, which knows only
+# the core API: it raises SchemaNotFoundError for them. They are skipped there on purpose and
+# checked here instead, structurally, against the fields of their CRDs (monitoring.coreos.com/v1,
+# prometheus-operator v0.7x); promtool checks the rule expressions (test_observability_assets.py).
+_MATCH_LABELS = {"matchLabels", "matchExpressions"}
+_CR_FIELDS: dict[tuple[str, str], dict[str, set[str]]] = {
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "spec": {"groups"},
+        "group": {"name", "interval", "rules", "limit", "partial_response_strategy", "query_offset", "labels"},
+        "rule": {"alert", "record", "expr", "for", "keep_firing_for", "labels", "annotations"},
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "spec": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels"},
+        "endpoint": {"port", "portNumber", "path", "interval", "scrapeTimeout", "scheme", "honorLabels"},
+    },
+}
+CUSTOM_RESOURCES = set(_CR_FIELDS)
 
 
 def _load_renderer() -> Any:
@@ -168,12 +188,114 @@ def test_manifests_are_valid_kubernetes(tree: str) -> None:
     )
     errors = []
     for resource in rendered(tree):
+        if (resource["apiVersion"], resource["kind"]) in CUSTOM_RESOURCES:
+            continue  # not in kubernetes-validate's core schemas: test_custom_resources checks them
         try:
             kubernetes_validate.validate(resource, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
             errors.append(f"{resource['kind']}/{resource['metadata']['name']}: {path}: {exc.message}")
     assert not errors, "\n".join(errors)
+
+
+def _unknown(where: str, obj: Any, allowed: set[str]) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where}: not a mapping"]
+    return [f"{where}: unknown field {key!r}" for key in sorted(set(obj) - allowed)]
+
+
+def _string_map(where: str, obj: Any) -> list[str]:
+    if obj is None:
+        return []
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+        return [f"{where}: must map strings to strings"]
+    return []
+
+
+def _custom_resource_errors(resource: dict[str, Any]) -> list[str]:
+    fields = _CR_FIELDS[(resource["apiVersion"], resource["kind"])]
+    where = f"{resource['kind']}/{resource['metadata']['name']}"
+    errors = _unknown(where, resource, {"apiVersion", "kind", "metadata", "spec"})
+    errors += _unknown(f"{where}.metadata", resource["metadata"], {"name", "namespace", "labels", "annotations"})
+    errors += _string_map(f"{where}.metadata.labels", resource["metadata"].get("labels"))
+    spec = resource.get("spec")
+    errors += _unknown(f"{where}.spec", spec, fields["spec"])
+    if errors or not isinstance(spec, dict):
+        return errors
+    if resource["kind"] == "PrometheusRule":
+        if not isinstance(spec.get("groups"), list) or not spec["groups"]:
+            return [f"{where}.spec.groups: a non-empty list is required"]
+        names = [g.get("name") for g in spec["groups"]]
+        if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            errors.append(f"{where}: group names must be unique non-empty strings")
+        for g, group in enumerate(spec["groups"]):
+            errors += _unknown(f"{where}.groups[{g}]", group, fields["group"])
+            for r, rule in enumerate(group.get("rules") or []):
+                at = f"{where}.groups[{g}].rules[{r}]"
+                errors += _unknown(at, rule, fields["rule"])
+                if ("alert" in rule) == ("record" in rule):
+                    errors.append(f"{at}: exactly one of alert/record")
+                if not isinstance(rule.get("expr"), str) or not rule["expr"].strip():
+                    errors.append(f"{at}: expr must be a non-empty string")
+                if "for" in rule and not re.fullmatch(r"(\d+(ms|[smhdwy]))+", str(rule["for"])):
+                    errors.append(f"{at}: for must be a Prometheus duration")
+                errors += _string_map(f"{at}.labels", rule.get("labels"))
+                errors += _string_map(f"{at}.annotations", rule.get("annotations"))
+    else:  # PodMonitor
+        errors += _unknown(f"{where}.spec.selector", spec.get("selector"), _MATCH_LABELS)
+        endpoints = spec.get("podMetricsEndpoints")
+        if not isinstance(endpoints, list) or not endpoints:
+            return [*errors, f"{where}.spec.podMetricsEndpoints: a non-empty list is required"]
+        for e, endpoint in enumerate(endpoints):
+            errors += _unknown(f"{where}.podMetricsEndpoints[{e}]", endpoint, fields["endpoint"])
+    return errors
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_custom_resources(tree: str) -> None:
+    """The custom resources test_manifests_are_valid_kubernetes skips (any other kind without a
+    schema fails there with SchemaNotFoundError), checked field by field."""
+    for resource in rendered(tree):
+        if (resource["apiVersion"], resource["kind"]) in CUSTOM_RESOURCES:
+            errors = _custom_resource_errors(resource)
+            assert not errors, "\n".join(errors)
+
+
+def test_production_monitoring_objects() -> None:
+    """The production overlay ships the alert rules (the same as the plain rules file) and a
+    PodMonitor that selects exactly the gateway pods on their metrics port."""
+    tree = "overlays/production"
+    rule = one(tree, "PrometheusRule", "facegate")
+    plain = yaml.safe_load((OBSERVABILITY / "prometheus" / "facegate-rules.yml").read_text(encoding="utf-8"))
+    assert rule["spec"]["groups"] == plain["groups"], "run: python deploy/observability/build.py"
+    monitor = one(tree, "PodMonitor", "facegate")
+    deployment = one(tree, "Deployment", "facegate")
+    assert monitor["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    ports = {p["name"] for p in facegate_container(tree)["ports"]}
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["podMetricsEndpoints"]] == [("http", "/metrics")]
+    assert "http" in ports
+    for other in ("base", "overlays/dev"):
+        assert not [r for r in rendered(other) if (r["apiVersion"], r["kind"]) in CUSTOM_RESOURCES], (
+            f"{other}: prometheus-operator objects belong to the production overlay only"
+        )
+
+
+def test_custom_resource_check_catches_mistakes() -> None:
+    """The structural check is not a rubber stamp."""
+    good = copy.deepcopy(one("overlays/production", "PrometheusRule", "facegate"))
+    assert _custom_resource_errors(good) == []
+    bad = copy.deepcopy(good)
+    bad["spec"]["groups"][0]["rules"][0]["expresion"] = bad["spec"]["groups"][0]["rules"][0].pop("expr")
+    bad["spec"]["groups"][0]["rules"][1]["for"] = "five minutes"
+    bad["spec"]["groups"][0]["rules"][2]["labels"] = {"severity": 3}
+    errors = _custom_resource_errors(bad)
+    assert any("unknown field 'expresion'" in e for e in errors)
+    assert any("expr must be" in e for e in errors)
+    assert any("for must be" in e for e in errors)
+    assert any("labels: must map" in e for e in errors)
+    monitor = copy.deepcopy(one("overlays/production", "PodMonitor", "facegate"))
+    monitor["spec"]["podMetricsEndpoints"][0]["targetPort"] = 8000
+    assert any("unknown field 'targetPort'" in e for e in _custom_resource_errors(monitor))
 
 
 @pytest.mark.parametrize("tree", TREES)
