@@ -955,6 +955,7 @@ def test_compose_services_and_healthchecks() -> None:
     assert "profiles" not in services["facegate"]
     assert "profiles" not in services["redis"]
     assert services["sim"]["profiles"] == ["sandbox"]
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["observability"]
 
     facegate = services["facegate"]
     assert facegate["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -1032,6 +1033,72 @@ def test_compose_sandbox_simulator() -> None:
     assert f"printf '%s' {SANDBOX_UPSTREAM_KEY} > secrets/ailabapi_api_key" in docs
 
 
+def _binds(service: str) -> dict[str, Path]:
+    """Container path -> repository path of a service's short-syntax bind mounts of repo files."""
+    out = {}
+    for volume in compose()["services"][service].get("volumes", []):
+        if isinstance(volume, str) and volume.startswith("./"):
+            source, target = volume.split(":")[:2]
+            out[target] = REPO / source
+    return out
+
+
+def test_compose_publishes_only_on_loopback() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            published = _interpolate_defaults(str(port))
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {published} beyond loopback by default"
+
+
+def test_compose_observability_profile() -> None:
+    """Prometheus scrapes facegate and loads the rules; Grafana gets the datasource and dashboard."""
+    services = compose()["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    for service in (prometheus, grafana):
+        assert ":" in service["image"]
+        assert not service["image"].endswith(":latest"), "pin the observability images"
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert set(compose()["volumes"]) >= {"prometheus-data", "grafana-data"}
+
+    # Prometheus: its config and the rules, mounted where the config expects them.
+    binds = _binds("prometheus")
+    for source in binds.values():
+        assert source.is_file(), f"{source} is mounted but does not exist"
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = config_flag.split("=", 1)[1]
+    assert binds[config_path] == OBSERVABILITY / "prometheus" / "prometheus.yml"
+    config = yaml.safe_load(binds[config_path].read_text(encoding="utf-8"))
+    for rule_file in config["rule_files"]:
+        in_container = str(Path(config_path).parent / rule_file)
+        assert binds[in_container] == OBSERVABILITY / "prometheus" / "facegate-rules.yml"
+    (job,) = config["scrape_configs"]
+    port = compose_env("facegate")["FACEGATE_PORT"]
+    assert job["static_configs"] == [{"targets": [f"facegate:{port}"]}]
+    assert job["metrics_path"] == "/metrics"
+    prometheus_port = next(str(p).rsplit(":", 1)[1] for p in prometheus["ports"])
+
+    # Grafana: the datasource points at that Prometheus, the provider at the mounted dashboards.
+    binds = _binds("grafana")
+    for source in binds.values():
+        assert source.exists(), f"{source} is mounted but does not exist"
+    datasources_dir = binds["/etc/grafana/provisioning/datasources"]
+    (datasource,) = yaml.safe_load((datasources_dir / "prometheus.yml").read_text(encoding="utf-8"))["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == f"http://prometheus:{prometheus_port}"
+    assert datasource["isDefault"] is True
+    providers_dir = binds["/etc/grafana/provisioning/dashboards"]
+    (provider,) = yaml.safe_load((providers_dir / "facegate.yml").read_text(encoding="utf-8"))["providers"]
+    dashboards_in_container = provider["options"]["path"]
+    assert binds[dashboards_in_container] == OBSERVABILITY / "grafana" / "dashboards"
+    assert (binds[dashboards_in_container] / "facegate.json").is_file()
+    home = compose_env("grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_in_container}/facegate.json"
+    docs = (REPO / "docs" / "operating.md").read_text(encoding="utf-8")
+    assert "docker compose --profile observability up" in docs
+
+
 def test_compose_config_with_docker() -> None:
     docker = shutil.which("docker")
     if docker is None:
@@ -1039,7 +1106,7 @@ def test_compose_config_with_docker() -> None:
     version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=20, check=False)
     if version.returncode != 0:
         pytest.skip("docker compose plugin not installed: compose checked with PyYAML only")
-    for profile in ([], ["--profile", "sandbox"]):
+    for profile in ([], ["--profile", "sandbox"], ["--profile", "observability"]):
         proc = subprocess.run(
             [docker, "compose", *profile, "-f", "docker-compose.yml", "config", "-q"],
             cwd=REPO,
