@@ -4,7 +4,21 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# Two installs: `make run` needs only the service and the sandbox extra; `make test`/`lint`/
+# `bench` add the dev tools (pytest, mypy, schemathesis, selenium, ...). Each has its stamp,
+# so `make test` after `make run` installs just the rest.
+RUN_EXTRAS := sandbox
+DEV_EXTRAS := dev,sandbox
+RUN_STAMP  := $(VENV)/.run-stamp
+DEV_STAMP  := $(VENV)/.dev-stamp
+
+define install
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "facegate needs Python >= 3.11; found: $$($(PYTHON) --version 2>&1). Set PYTHON=python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(1)]"
+endef
 
 .PHONY: help run test lint bench lock clean venv
 
@@ -15,38 +29,39 @@ help:
 	@echo "make bench  run the benchmarks and rewrite BENCHMARKS.md"
 	@echo "make lock   re-resolve dependencies into constraints.txt"
 
-$(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
-		{ echo "facegate needs Python >= 3.11; found: $$($(PYTHON) --version 2>&1). Set PYTHON=python3.11"; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,sandbox]"
-	@touch $(STAMP)
+$(RUN_STAMP): pyproject.toml constraints.txt
+	$(call install,$(RUN_EXTRAS))
+	@touch $(RUN_STAMP)
 
-venv: $(STAMP)
+# The dev install holds everything `make run` needs too: it refreshes both stamps.
+$(DEV_STAMP): pyproject.toml constraints.txt
+	$(call install,$(DEV_EXTRAS))
+	@touch $(DEV_STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
+venv: $(DEV_STAMP)
+
+run: $(RUN_STAMP)
 	$(BIN)/facegate serve
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app tests
+	$(BIN)/mypy app tests deploy/observability/build.py
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q tests/unit/test_deploy.py
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run
 
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=24"
-	.lock-venv/bin/python -m pip install --quiet ".[dev,sandbox]"
+	.lock-venv/bin/python -m pip install --quiet ".[$(DEV_EXTRAS)]"
 	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^facegate' > constraints.txt
 	rm -rf .lock-venv
 
