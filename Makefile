@@ -20,13 +20,14 @@ define install
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(1)]"
 endef
 
-.PHONY: help run test lint bench lock clean venv
+.PHONY: help run test lint bench lock clean venv image-test
 
 help:
 	@echo "make run    start facegate on 127.0.0.1:8000 (sandbox simulator when no ailabapi key is set)"
 	@echo "make test   run the whole test suite (real sockets, real Redis)"
 	@echo "make lint   ruff, mypy --strict, hadolint, manifest validation"
 	@echo "make bench  run the benchmarks and rewrite BENCHMARKS.md"
+	@echo "make image-test  build the Dockerfile with buildah and smoke-test the image (root; ~1-2 min)"
 	@echo "make lock   re-resolve dependencies into constraints.txt"
 
 $(RUN_STAMP): pyproject.toml constraints.txt
@@ -53,6 +54,12 @@ lint: $(DEV_STAMP)
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q tests/unit/test_deploy.py
+
+# Opt-in (not part of `make test`: about a minute, two on the first run): builds the real
+# Dockerfile with buildah on a locally made Debian base, runs it as its user, checks the layers.
+# Needs root, buildah and debootstrap; skips with the reason otherwise. .ci/run runs it.
+image-test: $(DEV_STAMP)
+	FACEGATE_TEST_IMAGE=1 $(BIN)/python -m pytest -q tests/image
 
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.run
