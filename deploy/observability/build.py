@@ -234,7 +234,7 @@ ROWS: tuple[Row, ...] = (
                 "Analyses by cache result",
                 "timeseries",
                 (Target(_rate("facegate_cache_requests_total", JOB, "result"), "{{result}}"),),
-                "hit, miss, forced (Cache-Control: no-cache), collapsed.",
+                "hit, miss, forced (X-Facegate-Force: a paid re-analysis), collapsed.",
                 unit="reqps",
                 stack=True,
             ),
