@@ -59,6 +59,18 @@ def _preflight() -> str | None:
     missing = [tool for tool in ("buildah", "debootstrap") if shutil.which(tool) is None]
     if missing:
         return f"container image smoke test needs {' and '.join(missing)} (apt-get install buildah debootstrap)"
+    # Can buildah make and mount a container here at all (storage driver, mount rights)? A
+    # machine that cannot is skipped with buildah's reason; a Dockerfile that fails still fails.
+    probe = subprocess.run(["buildah", "from", "scratch"], capture_output=True, text=True, timeout=60, check=False)
+    if probe.returncode != 0:
+        return f"container image smoke test: buildah cannot create a container here: {probe.stderr.strip()[-300:]}"
+    ctr = probe.stdout.strip()
+    try:
+        mount = subprocess.run(["buildah", "mount", ctr], capture_output=True, text=True, timeout=60, check=False)
+        if mount.returncode != 0:
+            return f"container image smoke test: buildah cannot mount a container here: {mount.stderr.strip()[-300:]}"
+    finally:
+        subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=60, check=False)
     return None
 
 
