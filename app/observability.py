@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -20,8 +21,24 @@ from typing import Any, Final, Protocol
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from app.upstream import contract
+
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
+#: The ``outcome`` value of an ailabapi error code that is not in ``contract.ERROR_CODES``.
+UNKNOWN_CODE: Final = "UNKNOWN_CODE"
+#: facegate's own reasons (``ok``, ``connect_timeout``…) and ``HTTP_<status>`` for a bare status.
+_OWN_OUTCOME: Final = re.compile(r"[a-z][a-z0-9_]{0,31}|HTTP_[1-5][0-9][0-9]")
+
+
+def outcome_label(outcome: str) -> str:
+    """A bounded ``outcome`` label value: facegate's own reasons (``ok``, ``timeout``,
+    ``connect``…: lower case, a fixed set in the code), ``HTTP_<status>`` and ailabapi's codes
+    known to the contract pass as they are; any other code (one ailabapi introduced since, or
+    garbage it answered) becomes ``UNKNOWN_CODE`` — the upstream must not choose label values."""
+    if outcome in contract.ERROR_CODES or _OWN_OUTCOME.fullmatch(outcome):
+        return outcome
+    return UNKNOWN_CODE
 
 
 class QuotaView(Protocol):
@@ -179,6 +196,14 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def upstream_attempt(self, outcome: str, seconds: float) -> None:
+        """One attempt at ailabapi ended (``outcome``: ok, an ailabapi code, or facegate's reason)."""
+        self.upstream_calls.labels(outcome_label(outcome)).inc()
+        self.upstream_seconds.observe(seconds)
+
+    def tenants_reloaded(self, ok: bool) -> None:
+        self.tenant_reloads.labels("ok" if ok else "error").inc()
 
     def breaker_changed(self, state: str) -> None:
         self.breaker.set(BREAKER_VALUES.get(state, 2))

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +78,14 @@ def sandbox_registry(demo_key: str) -> TenantRegistry:
     return TenantRegistry({"demo": Tenant("demo", limits)}, {hash_key(demo_key): "demo"})
 
 
-def load_tenants(settings: Settings, demo_key: str | None) -> TenantStore:
+def load_tenants(
+    settings: Settings, demo_key: str | None, on_reload: Callable[[bool], None] | None = None
+) -> TenantStore:
     path = settings.tenants_file
     if demo_key is not None and settings.sandbox and not path.exists():
         return TenantStore(None, sandbox_registry(demo_key))
     try:
-        return TenantStore(path, TenantRegistry.load(path))
+        return TenantStore(path, TenantRegistry.load(path), on_reload)
     except TenantsFileError as exc:
         raise StartupError(str(exc)) from None
 
@@ -150,7 +152,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         closers.append(handle.stop)
         upstream_url, api_key = handle.url, sim_key
         log.warning("SANDBOX: no FACEGATE_UPSTREAM_API_KEY, answers come from the built-in simulator at %s", handle.url)
-    tenants = load_tenants(settings, app.state.demo_key)
+    tenants = load_tenants(settings, app.state.demo_key, metrics.tenants_reloaded)
     redis_client, cache, limiter, coordinator, guard = await backends(settings, metrics)
     index, invalidator = purge_backends(redis_client, settings)
     http = httpx.AsyncClient(
@@ -173,10 +175,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rate_window_calls=settings.breaker_window,
     )
 
-    def on_attempt(outcome: str, seconds: float) -> None:
-        metrics.upstream_calls.labels(outcome).inc()
-        metrics.upstream_seconds.observe(seconds)
-
     upstream = ResilientUpstream(
         AilabapiClient(
             http,
@@ -190,7 +188,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy=RetryPolicy(settings.upstream_retries),
         timeout_s=settings.upstream_timeout_s,
         queue_timeout_s=settings.upstream_queue_timeout_s,
-        on_attempt=on_attempt,
+        on_attempt=metrics.upstream_attempt,
     )
     service = AnalyzeService(
         config=ServiceConfig(
@@ -232,8 +230,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis=redis_client,
     )
     app.state.runtime = rt
-    watcher = asyncio.get_running_loop().create_task(_watch_tenants(tenants, metrics))
-    _install_sighup(tenants, metrics)
+    watcher = asyncio.get_running_loop().create_task(_watch_tenants(tenants))
+    _install_sighup(tenants)
     log.info(
         "facegate %s ready: %d tenant(s), upstream %s",
         __version__,
@@ -264,18 +262,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await redis_client.aclose()
 
 
-async def _watch_tenants(store: TenantStore, metrics: Metrics, every_s: float = 1.0) -> None:
+async def _watch_tenants(store: TenantStore, every_s: float = 1.0) -> None:
     """Poll the tenants file's stamp: cheap, and works on every filesystem and in ConfigMaps."""
     while True:
         await asyncio.sleep(every_s)
-        if store.reload():
-            metrics.tenant_reloads.labels("ok").inc()
+        store.reload()  # counted (ok or error) through the store's on_reload
 
 
-def _install_sighup(store: TenantStore, metrics: Metrics) -> None:
+def _install_sighup(store: TenantStore) -> None:
     def reload() -> None:
-        if store.reload(force=True):
-            metrics.tenant_reloads.labels("ok").inc()
+        store.reload(force=True)
 
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)

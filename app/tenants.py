@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -274,9 +274,13 @@ class TenantStore:
     tenant out.
     """
 
-    def __init__(self, path: Path | None, registry: TenantRegistry) -> None:
+    def __init__(
+        self, path: Path | None, registry: TenantRegistry, on_reload: Callable[[bool], None] | None = None
+    ) -> None:
         self.path = path
         self.registry = registry
+        #: Told each reload attempt's result (True: a new registry is live; False: it failed).
+        self._on_reload = on_reload
         self._stamp = self._file_stamp()
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -300,15 +304,22 @@ class TenantStore:
             registry = TenantRegistry.load(self.path)
         except TenantsFileError as exc:
             log.error("tenants file reload failed, keeping the previous registry: %s", exc)
+            self._told(ok=False)
             return False
         except Exception as exc:  # the watcher must survive anything a file can do to the parser
             log.error("tenants file reload failed (%s), keeping the previous registry", type(exc).__name__)
+            self._told(ok=False)
             return False
         changes = registry_changes(self.registry, registry)
         self.registry = registry
         log.info("tenants file reloaded: %d tenant(s)", len(registry))
         audit("tenants.reload", actor="system", file=str(self.path), **changes)
+        self._told(ok=True)
         return True
+
+    def _told(self, *, ok: bool) -> None:
+        if self._on_reload is not None:
+            self._on_reload(ok)
 
 
 def registry_changes(old: TenantRegistry, new: TenantRegistry) -> dict[str, Any]:

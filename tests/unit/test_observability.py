@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.limits import QuotaState
-from app.observability import Metrics, configure_logging
+from app.observability import UNKNOWN_CODE, Metrics, configure_logging, outcome_label
 
 
 class Tty(io.StringIO):
@@ -100,3 +101,24 @@ def test_a_window_that_reset_shows_its_whole_limit_again() -> None:
     assert got[("remaining", "acme", "monthly")] == 91  # that window has not reset
     seen(m, "acme", QuotaState("daily", 10, 1, 86000, 86400))  # the next request says where the new day is
     assert quotas(m)[("remaining", "acme", "daily")] == 9
+
+
+def test_upstream_outcome_labels_are_bounded() -> None:
+    """ailabapi chooses its error codes; label values must not be chosen by the upstream."""
+    metrics = Metrics()
+    for outcome in ("ok", "timeout", "ERROR_BLURRY_FACE", "SOMETHING_NEW_FROM_AILABAPI", "<script>", "x" * 500):
+        metrics.upstream_attempt(outcome, 0.1)
+    text = metrics.exposition().decode()
+    values = sorted(set(re.findall(r'facegate_upstream_calls_total\{outcome="([^"]*)"\}', text)))
+    assert values == ["ERROR_BLURRY_FACE", UNKNOWN_CODE, "ok", "timeout"]
+    assert outcome_label("ERROR_BLURRY_FACE") == "ERROR_BLURRY_FACE"
+
+
+def test_tenants_reload_failures_are_counted() -> None:
+    metrics = Metrics()
+    metrics.tenants_reloaded(True)
+    metrics.tenants_reloaded(False)
+    metrics.tenants_reloaded(False)
+    text = metrics.exposition().decode()
+    assert 'facegate_tenants_reloads_total{result="ok"} 1.0' in text
+    assert 'facegate_tenants_reloads_total{result="error"} 2.0' in text

@@ -121,8 +121,10 @@ def test_store_reloads_on_change_keeps_old_registry_on_a_broken_edit(
 ) -> None:
     path = tmp_path / "tenants.toml"
     write(path, f"[tenants.a]\n{paste_line(K1)}\ndaily_quota = 5\n")
-    store = TenantStore(path, TenantRegistry.load(path))
+    told: list[bool] = []
+    store = TenantStore(path, TenantRegistry.load(path), told.append)
     assert store.reload() is False, "unchanged file: nothing to do"
+    assert told == []
 
     write(path, f"[tenants.a]\n{paste_line(K1)}\n{paste_line(K2).replace('key_sha256', '#')}\ndaily_quota = 50\n")
     assert store.reload() is True
@@ -145,6 +147,7 @@ def test_store_reloads_on_change_keeps_old_registry_on_a_broken_edit(
     assert store.registry.authenticate(K2) is not None
     assert "keeping the previous registry" in caplog.text
     assert K2 not in caplog.text
+    assert told == [True, True, False, False, False], "every attempt's result reaches the metrics"
 
     write(path, f"[tenants.b]\n{paste_line(K3)}\n")
     assert store.reload() is True
