@@ -13,6 +13,7 @@ from app import __version__
 from app.api import admin, compat, ops, problems, try_page, v1
 from app.api.edge import EdgeMiddleware
 from app.api.openapi import register_problem_schema
+from app.intake.receive import MULTIPART_OVERHEAD
 from app.observability import Metrics
 from app.runtime import lifespan
 from app.settings import Settings
@@ -36,6 +37,11 @@ def create_app(settings: Settings | None = None, *, demo_key: str | None = None)
     app.include_router(admin.router)
     app.include_router(try_page.router)  # 404 unless settings.try_page
     problems.install(app)
-    app.add_middleware(EdgeMiddleware, metrics=app.state.metrics)
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=app.state.metrics,
+        drain_s=settings.body_timeout_s,
+        drain_bytes=settings.max_image_bytes + MULTIPART_OVERHEAD,
+    )
     register_problem_schema(app)
     return app

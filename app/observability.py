@@ -154,7 +154,7 @@ class Metrics:
         children[1].observe(seconds)
         if cache is not None:
             self.cache.labels(cache).inc()
-        if outcome in ("rate_limited", "quota_exceeded"):
+        if outcome in ("rate_limited", "quota_exceeded", "too_many_uploads"):
             self.rejections.labels(outcome, tenant).inc()
         for quota in quotas:
             self._quota_seen(tenant, quota)

@@ -225,7 +225,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             spool_dir=settings.spool_dir,
             body_timeout_s=settings.body_timeout_s,
         ),
-        uploads=UploadGate(settings.max_uploads_in_flight, metrics.uploads_in_flight.set),
+        uploads=UploadGate(
+            settings.max_uploads_in_flight, settings.max_uploads_per_tenant, on_change=metrics.uploads_in_flight.set
+        ),
         purger=Purger(cache, index, invalidator),
         redis=redis_client,
     )

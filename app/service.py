@@ -160,11 +160,26 @@ class AnalyzeService:
         if cancelled:
             log.warning("shutdown: %d upstream call(s) outlived the grace period; cancelled", cancelled)
 
-    async def lookup(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> tuple[Entry, float] | None:
-        """A cached analysis by image hash, without an upload. Never billable."""
+    async def lookup(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> Entry | None:
+        """A cached analysis by image hash, without an upload. Never billable; an answer counts
+        as a cache hit (in usage and metrics), exactly like a hit on an upload."""
+        found = await self.cached(ctx, tenant, sha256)
+        if found is None:
+            await self.count_request(ctx, tenant)
+        return found
+
+    async def cached(self, ctx: RequestContext, tenant: Tenant, sha256: str) -> Entry | None:
+        """The cached answer for the image with this SHA-256, admitted and counted as a hit; None
+        (and nothing admitted or counted: the caller goes on) when there is none. The hash-first
+        paths use it: a lookup, and an upload whose digest header names a cached image."""
         ctx.tenant = tenant.name
-        await self._admit(ctx, tenant, reserve=False)
-        return await self._cache_get(self.key_for(tenant, sha256), tenant.policy.max_age_s)
+        found = await self._cache_get(self.key_for(tenant, sha256), tenant.policy.max_age_s)
+        if found is None:
+            return None
+        entry, ttl = found
+        await self._admit(ctx, tenant, reserve=False, record="hits")
+        ctx.cache = CacheStatus(hit=True, ttl=ttl)
+        return entry
 
     async def count_request(self, ctx: RequestContext, tenant: Tenant) -> None:
         """Rate-limit a request that ended before the use case (e.g. a refused upload): every

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     spool_threshold_bytes: int = Field(1024 * 1024, ge=0, description="Uploads above this are spooled to disk.")
     spool_dir: Path = Field(Path(tempfile.gettempdir()), description="Where large uploads are spooled.")
     max_uploads_in_flight: int = Field(64, ge=1, description="Uploads being received at once per process; more → 503.")
+    max_uploads_per_tenant: int | None = Field(
+        None, ge=1, description="One tenant's share of those; more → 429. Unset = half of MAX_UPLOADS_IN_FLIGHT."
+    )
     body_timeout_s: float = Field(60.0, gt=0, description="Total time to receive one upload.")
 
     # --- quotas ---

@@ -8,10 +8,13 @@ could fill up and stall the server) and is shown if the server fails to start.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -528,3 +531,87 @@ def redis_client(url: str) -> Any:
     if target.kind == "cluster":
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], require_full_coverage=False)
     return Sentinel(nodes, socket_timeout=2).master_for(target.master, socket_timeout=2)
+
+
+class ByteCountingProxy:
+    """A TCP proxy on loopback that counts the bytes clients send through it to ``target``.
+
+    What arrives here is what the client put on the wire toward the server, so it proves
+    what the server *could* have received, whatever the server does with it. Runs in its
+    own thread with its own event loop; use it as a context manager.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.sent = 0  # bytes from clients toward the target
+        self.returned = 0  # bytes from the target back to clients
+        self.connections = 0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="byte-proxy", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the counting proxy did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._server = server
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: Any, writer: Any) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(src: Any, dst: Any, upstream: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if upstream:
+                        self.sent += len(data)
+                    else:
+                        self.returned += len(data)
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                with contextlib.suppress(OSError, RuntimeError):
+                    if dst.can_write_eof():
+                        dst.write_eof()
+
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+        for w in (writer, up_writer):
+            w.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> ByteCountingProxy:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

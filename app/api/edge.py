@@ -5,6 +5,18 @@ headers every answer carries (request id, Cache-Status, RateLimit), writes one a
 line and the request metrics when the request ends, and turns anything that escaped the
 app into a problem — a 503 during shutdown, a last-resort 500 that never carries a
 traceback.
+
+It also keeps connections sound when an answer comes before the body was asked for on
+a request with ``Expect: 100-continue`` (a cache hit decided from a digest header, or any
+refusal decided from the headers). uvicorn sends ``100 Continue`` only on the app's first
+``receive()``; the client of such a request sends no body, while uvicorn waits for the
+declared one on the connection, and the client's next request would be eaten as that
+body. So the answer says ``Connection: close``, and before the connection is closed the
+body that may still come (a client that gave up waiting for ``100 Continue`` and sent it)
+is read and dropped for a bounded time, within a slot of the tenant's upload share:
+closing a socket with unread bytes resets it, and the client could lose the answer.
+Requests without ``Expect`` need none of this: their body follows the headers anyway, and
+uvicorn drops what the app did not read, keeping the connection usable.
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ import asyncio
 import logging
 import secrets
 import time
+from typing import Final
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +40,16 @@ log = logging.getLogger("facegate")
 
 _SANE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 access_log = logging.getLogger("facegate.access")
+#: After an answer sent before the body was asked for: stop draining once no byte came for this long.
+DRAIN_IDLE_S: Final = 2.0
+
+
+def expects_continue(scope: Scope) -> bool:
+    """True when the request asks for ``100 Continue`` before it sends its body."""
+    for name, value in scope["headers"]:
+        if name == b"expect":
+            return bool(value.lower() == b"100-continue")
+    return False
 
 
 def request_id_from(scope: Scope) -> str:
@@ -47,9 +70,12 @@ class EdgeMiddleware:
     """Outermost layer: a request context, common headers, one log line, metrics, and a
     last-resort 500 that never carries a traceback."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, *, drain_s: float = 60.0, drain_bytes: int = 1 << 30) -> None:
         self.app = app
         self.metrics = metrics
+        #: Bounds on reading and dropping a body after an early answer (see the module doc).
+        self.drain_s = drain_s
+        self.drain_bytes = drain_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,17 +86,32 @@ class EdgeMiddleware:
         scope.setdefault("state", {})["ctx"] = ctx
         status = 500
         response_started = False
+        waiting = expects_continue(scope)  # the client waits for 100 Continue until the app reads
+        drain = False
+
+        async def receive_wrapper() -> Message:
+            nonlocal waiting
+            waiting = False
+            return await receive()
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, drain
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *context_headers(ctx)]
+                if waiting:  # answered before the body was asked for: this connection ends here
+                    drain = True
+                    message["headers"].append((b"connection", b"close"))
+            elif drain and not message.get("more_body", False):
+                await send({**message, "more_body": True})  # the answer is complete for the client
+                await self._drain(scope, ctx, receive)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             await send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self.app(scope, receive_wrapper if waiting else receive, send_wrapper)
         except ClientDisconnect:
             # The client hung up mid-upload: nobody to answer and nothing broke here (nginx's 499).
             status = 499
@@ -91,6 +132,42 @@ class EdgeMiddleware:
                 await send_problem(send_wrapper, problem, ctx, compat=is_compat(scope))
         finally:
             self._account(scope, ctx, status, time.perf_counter() - started)
+
+    async def _drain(self, scope: Scope, ctx: RequestContext, receive: Receive) -> None:
+        """Read and drop the body that still arrives after an early answer, within bounds.
+
+        A client that waited for ``100 Continue`` reads the answer and closes: that ends this at
+        once. One that sent its body anyway is read to the end of it (not into the next request:
+        the connection closes after this answer). Bounded by ``drain_s``, ``drain_bytes``,
+        :data:`DRAIN_IDLE_S` without a byte, and a slot of the tenant's upload share — without a
+        slot the connection is closed at once.
+        """
+        runtime = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
+        gate = getattr(runtime, "uploads", None)
+        holder = ctx.tenant or "-"
+        if gate is not None and not gate.try_acquire(holder):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_s
+        dropped = 0
+        try:
+            while dropped <= self.drain_bytes:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(DRAIN_IDLE_S, left)):
+                        message = await receive()
+                except TimeoutError:
+                    break
+                if message["type"] != "http.request":
+                    break
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        finally:
+            if gate is not None:
+                gate.release(holder)
 
     def _account(self, scope: Scope, ctx: RequestContext, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"

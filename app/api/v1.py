@@ -97,11 +97,9 @@ async def cached_analysis(
     """Never billable: answers only what is in the cache for the caller's scope."""
     if not _SHA256.match(sha256):
         raise Problem("invalid_request", "sha256 must be 64 lowercase hex characters")
-    found = await rt.service.lookup(ctx, tenant, sha256)
-    if found is None:
+    entry = await rt.service.lookup(ctx, tenant, sha256)
+    if entry is None:
         raise Problem("not_found", "no cached analysis of that image for this tenant")
-    entry, ttl = found
-    ctx.cache = CacheStatus(hit=True, ttl=ttl)
     return json_response(render(ctx, entry, landmarks=landmarks, omit=tenant.policy.omit))
 
 

@@ -118,10 +118,13 @@ class _ImageSink:
         self.body.write(chunk)
         self.digest.update(chunk)
 
-    def finish(self) -> Upload:
+    def finish(self, expected_sha256: str | None) -> Upload:
         if self.body.size == 0:
             raise Problem("image_missing", "the image is empty (0 bytes)")
-        return Upload(self.body, self.digest.hexdigest(), self.limits.max_pixels)
+        sha256 = self.digest.hexdigest()
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            raise Problem("digest_mismatch", f"the image's SHA-256 is {sha256}, not the one its digest header names")
+        return Upload(self.body, sha256, self.limits.max_pixels)
 
 
 class _MultipartImage:
@@ -221,11 +224,14 @@ async def receive(
     content_type: str | None,
     content_length: str | None,
     limits: IntakeLimits,
+    expected_sha256: str | None = None,
 ) -> Upload:
     """Read one upload from a body stream. Every refusal is a :class:`Problem` and costs nothing.
 
     The bytes are capped, hashed and kept here; they are judged as an image by
     :meth:`Upload.inspect` (the use case does it before anything is sent upstream).
+    ``expected_sha256`` is the digest the client declared (``app.intake.digest``): the
+    image is hashed as it streams in and a different one is refused (``digest_mismatch``).
     The caller owns the returned :class:`Upload` and must ``close()`` it (it may hold a
     temporary file).
     """
@@ -257,7 +263,7 @@ async def receive(
                     sink.write(chunk)
         if form is not None:
             form.finish()
-        return sink.finish()
+        return sink.finish(expected_sha256)
     except TimeoutError:
         sink.body.close()
         raise Problem("request_timeout", f"the upload took longer than {limits.body_timeout_s:g} s") from None
@@ -276,26 +282,57 @@ def _declared_length(value: str | None) -> int | None:
 
 
 class UploadGate:
-    """Caps uploads being received at once in this process; past the cap, answer 503 at once.
+    """Caps uploads being received at once in this process, and each tenant's share of them.
 
+    Past the process cap a new upload gets 503 ``overloaded`` at once; past its own share
+    (``per_tenant``) a tenant gets 429 ``too_many_uploads`` at once, so a tenant whose
+    uploads trickle in (a slow link, a buggy or hostile client) can only exhaust its own
+    share and never locks the others out; the body timeout ends each of them in the end.
     Refusing early beats queueing: a queued upload still holds a socket and its bytes
     keep arriving, which is exactly the load the cap is there to shed.
     """
 
-    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, limit: int, per_tenant: int | None = None, on_change: Callable[[int], None] | None = None
+    ) -> None:
         self.limit = limit
+        self.per_tenant = max(1, min(limit, per_tenant if per_tenant is not None else (limit + 1) // 2))
         self.active = 0
+        self.by_tenant: dict[str, int] = {}
         self._on_change = on_change
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.active >= self.limit:
-            raise Problem("overloaded", f"more than {self.limit} uploads in progress; try again shortly", retry_after=1)
+    def try_acquire(self, tenant: str) -> bool:
+        """Take a slot for ``tenant`` if both the process and the tenant's share have room."""
+        held = self.by_tenant.get(tenant, 0)
+        if self.active >= self.limit or held >= self.per_tenant:
+            return False
+        self.by_tenant[tenant] = held + 1
         self._moved(+1)
+        return True
+
+    def release(self, tenant: str) -> None:
+        held = self.by_tenant.get(tenant, 0) - 1
+        if held > 0:
+            self.by_tenant[tenant] = held
+        else:
+            self.by_tenant.pop(tenant, None)
+        self._moved(-1)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        """A slot for the duration of one upload, or the refusal (the tenant's own share first)."""
+        if not self.try_acquire(tenant):
+            if self.by_tenant.get(tenant, 0) >= self.per_tenant:
+                raise Problem(
+                    "too_many_uploads",
+                    f"this tenant already has {self.per_tenant} uploads in progress here; finish those first",
+                    retry_after=1,
+                )
+            raise Problem("overloaded", f"more than {self.limit} uploads in progress; try again shortly", retry_after=1)
         try:
             yield
         finally:
-            self._moved(-1)
+            self.release(tenant)
 
     def _moved(self, delta: int) -> None:
         self.active += delta
