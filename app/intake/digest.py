@@ -35,6 +35,7 @@ _BYTES = re.compile(r":([A-Za-z0-9+/=]*):")
 _STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"')
 _BOOLEAN = re.compile(r"\?[01]")
 _OWS = re.compile(r"[ \t]*")
+_SP = re.compile(r" *")
 
 
 class _Malformed(ValueError):
@@ -57,7 +58,7 @@ def _bare_item(text: str, pos: int) -> tuple[object, int]:
 
 def _parameters(text: str, pos: int) -> int:
     while pos < len(text) and text[pos] == ";":
-        pos = _OWS.match(text, pos + 1).end()  # type: ignore[union-attr]
+        pos = _SP.match(text, pos + 1).end()  # type: ignore[union-attr]
         key = _KEY.match(text, pos)
         if not key:
             raise _Malformed("bad parameter")
@@ -74,7 +75,7 @@ def parse_dictionary(text: str) -> dict[str, object]:
     member with the same key wins, as RFC 8941 says. Raises ValueError when malformed.
     """
     out: dict[str, object] = {}
-    pos = _OWS.match(text, 0).end()  # type: ignore[union-attr]
+    pos = _SP.match(text, 0).end()  # type: ignore[union-attr]
     if pos == len(text):
         raise _Malformed("empty")
     while True:

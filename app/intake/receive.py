@@ -320,9 +320,10 @@ class UploadGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
-        """A slot for the duration of one upload, or the refusal (the tenant's own share first)."""
+        """A slot for the duration of one upload, or the refusal: 429 when the tenant's own share is
+        full (and smaller than the whole), else 503 when the process is."""
         if not self.try_acquire(tenant):
-            if self.by_tenant.get(tenant, 0) >= self.per_tenant:
+            if self.per_tenant < self.limit and self.by_tenant.get(tenant, 0) >= self.per_tenant:
                 raise Problem(
                     "too_many_uploads",
                     f"this tenant already has {self.per_tenant} uploads in progress here; finish those first",

@@ -268,14 +268,17 @@ def test_expect_miss_gets_100_continue_and_keeps_the_connection(gateway: Gateway
 def test_digest_mismatch_is_refused_and_costs_nothing(gateway: Gateway, sim: Sim) -> None:
     image, other = unique_image(), unique_image()
     with gateway.client() as c:
+        before = c.get("/v1/usage").json()
         raw = c.post(ANALYZE, content=image, headers={"Content-Type": "image/jpeg", "Content-Digest": digest(other)})
         form = c.post(ANALYZE, files={"image": ("x.jpg", image, "image/jpeg")}, headers={"Image-Digest": digest(other)})
-        before = c.get("/v1/usage").json()
+        after = c.get("/v1/usage").json()
     for response in (raw, form):
         assert response.status_code == 400
         assert response.json()["code"] == "digest_mismatch"
     assert sim.calls == 0
-    assert before["quotas"]["daily"]["used"] == 0 or before["credits_spent"]["day"] == before["quotas"]["daily"]["used"]
+    assert after["quotas"]["daily"]["used"] == before["quotas"]["daily"]["used"]
+    assert after["credits_spent"] == before["credits_spent"]
+    assert after["cache"] == before["cache"]
     # Nothing was stored: the image is still unknown, and the right digest goes through as a miss.
     with gateway.client() as c:
         assert c.get(f"/v1/faces/analyses/{hashlib.sha256(image).hexdigest()}").status_code == 404

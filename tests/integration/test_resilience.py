@@ -255,7 +255,12 @@ def test_large_upload_spools_to_disk_and_leaves_nothing_behind(gateway_factory: 
 
 
 def test_uploads_over_the_cap_are_shed_with_503(gateway_factory: Any, sim: Sim) -> None:
-    gw: Gateway = gateway_factory(env={"FACEGATE_MAX_UPLOADS_IN_FLIGHT": "2", "FACEGATE_BODY_TIMEOUT_S": "20"})
+    env = {
+        "FACEGATE_MAX_UPLOADS_IN_FLIGHT": "2",
+        "FACEGATE_MAX_UPLOADS_PER_TENANT": "2",
+        "FACEGATE_BODY_TIMEOUT_S": "20",
+    }
+    gw: Gateway = gateway_factory(env=env)
     host, port = gw.url.removeprefix("http://").split(":")
     stalled = []
     for _ in range(2):  # two uploads that announce 1 MB and send 3 bytes: they hold their slots
