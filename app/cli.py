@@ -279,6 +279,8 @@ async def _purge(settings: Settings, tenant: str | None, sha256: str | None) -> 
 ANALYZE_EPILOG = """\
 The key comes from --key or $FACEGATE_KEY (prefer the variable: arguments show up in `ps`);
 the URL from --url or $FACEGATE_URL (default http://127.0.0.1:8000).
+Each image is hashed locally and looked up by its SHA-256 first; only images facegate has not
+analyzed before are uploaded (--no-lookup uploads every one).
 Output: a table per image on stdout; with --json one v1 JSON document per line, in the order
 given, for the images that succeeded. Failures go to stderr with facegate's problem code.
 Exit status: 0 all images analyzed, 1 at least one failed, 2 usage error (no key, bad URL)."""
@@ -354,7 +356,8 @@ def _human(name: str, result: AnalyzeResult) -> str:
     a = result.analysis
     faces = f"{len(a.faces)} face{'s' if len(a.faces) != 1 else ''}"
     head = [f"{name}: {faces}", f"{a.image.width}x{a.image.height} {a.image.format}"]
-    head.append(f"cache {_cache_word(result.cache_status, a.source.cached)}")
+    word = _cache_word(result.cache_status, a.source.cached)
+    head.append(f"cache {word} (by hash, not uploaded)" if result.from_lookup else f"cache {word}")
     if a.source.provider == "simulator":
         head.append("SIMULATED")
     daily = result.rate_limits.get("daily")
@@ -368,7 +371,9 @@ async def _analyze_all(args: argparse.Namespace) -> int:
     from app.client import AsyncFacegateClient, FacegateError, RetryPolicy
 
     try:
-        client = AsyncFacegateClient(args.url, args.key, timeout=args.timeout, retry=RetryPolicy())
+        client = AsyncFacegateClient(
+            args.url, args.key, timeout=args.timeout, retry=RetryPolicy(), lookup_first=not args.no_lookup
+        )
     except ValueError as exc:
         fail(str(exc).replace("pass key=...", "pass --key"))
     progress = _Progress(len(args.images), args.progress or (len(args.images) > 1 and sys.stderr.isatty()))
@@ -490,6 +495,11 @@ def parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="a fresh, billable analysis even if cached (X-Facegate-Force; the tenant needs allow_force)",
+    )
+    analyze.add_argument(
+        "--no-lookup",
+        action="store_true",
+        help="upload every image; by default each is hashed and looked up first, and uploaded only if unknown",
     )
     analyze.add_argument("--concurrency", type=int, default=4, help="images in flight at once (default 4)")
     analyze.add_argument("--timeout", type=float, default=60.0, help="seconds per attempt (default 60)")

@@ -14,6 +14,12 @@ merely *calls* facegate can import it without FastAPI, Redis or the server code:
     async with AsyncFacegateClient() as fg:
         analysis = await fg.analyze(image_bytes, landmarks=True)
 
+Hash first: ``analyze`` hashes the image locally and asks facegate for a cached analysis of
+that SHA-256 (``GET /v1/faces/analyses/{sha256}``, never billable) before it uploads anything;
+only a 404 leads to the upload. A repeat of a 5 MB photo then costs a few hundred bytes on
+the wire. On by default; ``lookup_first=False`` (per client or per call) uploads every time.
+``AnalyzeResult.from_lookup`` says which way the answer came.
+
 Methods return the v1 models of ``app.schema.v1`` (``AnalysisV1``) and :class:`Usage`.
 Refusals raise a :class:`FacegateError` subclass that carries facegate's stable problem
 ``code``, the HTTP ``status``, the ``request_id`` to quote in a bug report, the ``detail``
@@ -30,6 +36,7 @@ by image hash, so a retry never buys the same image twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import mimetypes
 import os
 import random
@@ -132,7 +139,8 @@ class Forbidden(FacegateError):
 
 
 class RateLimited(FacegateError):
-    """Too many requests right now (429 ``rate_limited``); ``retry_after`` says when to come back."""
+    """Too many requests right now (429 ``rate_limited``), or too many of this tenant's uploads in
+    progress on that facegate (429 ``too_many_uploads``); ``retry_after`` says when to come back."""
 
 
 class QuotaExceeded(FacegateError):
@@ -165,6 +173,7 @@ _BY_CODE: Final[dict[str, type[FacegateError]]] = {
     "operator_required": Forbidden,
     "force_not_allowed": Forbidden,
     "rate_limited": RateLimited,
+    "too_many_uploads": RateLimited,
     "quota_exceeded": QuotaExceeded,
     "image_missing": InvalidImage,
     "image_too_large": InvalidImage,
@@ -190,6 +199,7 @@ _BY_CODE: Final[dict[str, type[FacegateError]]] = {
 _TRANSIENT: Final = frozenset(
     {
         "rate_limited",
+        "too_many_uploads",
         "quota_exceeded",
         "upstream_unavailable",
         "overloaded",
@@ -309,6 +319,8 @@ class AnalyzeResult:
     #: Per policy name (``burst``, ``daily``, ``monthly``).
     rate_limits: dict[str, RateLimitState]
     attempts: int
+    #: True when the answer came from the hash lookup and the image was not uploaded.
+    from_lookup: bool = False
 
     @property
     def cache_hit(self) -> bool:
@@ -457,14 +469,40 @@ def _analysis(response: httpx.Response, attempts: int) -> AnalysisV1:
         ) from None
 
 
-def _result(response: httpx.Response, attempts: int) -> AnalyzeResult:
+def _result(response: httpx.Response, attempts: int, *, from_lookup: bool = False) -> AnalyzeResult:
     return AnalyzeResult(
         analysis=_analysis(response, attempts),
         cache_status=response.headers.get("cache-status"),
         request_id=response.headers.get("x-request-id"),
         rate_limits=parse_ratelimit(response.headers),
         attempts=attempts,
+        from_lookup=from_lookup,
     )
+
+
+#: Hashing reads files in blocks of this size (the file is not held in memory for it).
+_HASH_BLOCK: Final = 1024 * 1024
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_of(part: tuple[str, bytes | IO[bytes], str] | Path) -> str:
+    """The SHA-256 facegate's cache is addressed by: that of the exact bytes that would be uploaded."""
+    if isinstance(part, Path):
+        return _sha256_file(part)
+    data = part[1]
+    assert isinstance(data, bytes), "_image_part reads file objects into bytes"
+    return hashlib.sha256(data).hexdigest()
+
+
+def _lookup_params(landmarks: bool) -> dict[str, str]:
+    return {"landmarks": "true"} if landmarks else {}
 
 
 def _usage(response: httpx.Response, attempts: int) -> Usage:
@@ -513,27 +551,50 @@ class FacegateClient:
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         http: httpx.Client | None = None,
+        lookup_first: bool = True,
     ) -> None:
         self.base_url, key = _resolve(base_url, key)
         self.retry = retry or RetryPolicy()
+        self.lookup_first = lookup_first
         self._own_http = http is None
         self._http = http or httpx.Client(timeout=timeout)
         self._headers = _headers(key)
 
     def analyze(
-        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
+        self,
+        image: ImageSource,
+        *,
+        landmarks: bool = False,
+        force: bool = False,
+        no_store: bool = False,
+        lookup_first: bool | None = None,
     ) -> AnalysisV1:
         """Analyze an image (path, bytes or binary file). ``force`` pays for a fresh analysis even when
         the image is cached (``X-Facegate-Force``; only for tenants with ``allow_force``, else
         403 ``force_not_allowed``); ``no_store`` keeps facegate from storing the answer; ``landmarks``
-        adds the 105 landmarks and pupils when ailabapi gives them (list shape)."""
-        return self.analyze_detailed(image, landmarks=landmarks, force=force, no_store=no_store).analysis
+        adds the 105 landmarks and pupils when ailabapi gives them (list shape). ``lookup_first``
+        (default: the client's) asks by hash before uploading; ``force`` never looks up."""
+        result = self.analyze_detailed(
+            image, landmarks=landmarks, force=force, no_store=no_store, lookup_first=lookup_first
+        )
+        return result.analysis
 
     def analyze_detailed(
-        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
+        self,
+        image: ImageSource,
+        *,
+        landmarks: bool = False,
+        force: bool = False,
+        no_store: bool = False,
+        lookup_first: bool | None = None,
     ) -> AnalyzeResult:
-        """Like :meth:`analyze`, plus the Cache-Status, request id and rate-limit headers."""
+        """Like :meth:`analyze`, plus the Cache-Status, request id and rate-limit headers, and
+        whether the answer came from the hash lookup (``from_lookup``)."""
         part = _image_part(image)
+        if (self.lookup_first if lookup_first is None else lookup_first) and not force:
+            found = self._lookup(_sha256_of(part), landmarks)
+            if found is not None:
+                return found
         params, headers = _analyze_request(landmarks, force, no_store)
 
         headers = {**self._headers, **headers}
@@ -551,10 +612,20 @@ class FacegateClient:
 
     def analysis(self, sha256: str, *, landmarks: bool = False) -> AnalysisV1:
         """A cached analysis by the image's SHA-256 (never billable); :class:`NotFound` when not cached."""
-        params = {"landmarks": "true"} if landmarks else {}
         url = self.base_url + _analysis_path(sha256)
+        params = _lookup_params(landmarks)
         response, attempts = self._send(lambda: self._http.get(url, params=params, headers=self._headers))
         return _analysis(response, attempts)
+
+    def _lookup(self, sha256: str, landmarks: bool) -> AnalyzeResult | None:
+        """The cached analysis as a result, or None when facegate has none (then: upload)."""
+        url = self.base_url + _analysis_path(sha256)
+        params = _lookup_params(landmarks)
+        try:
+            response, attempts = self._send(lambda: self._http.get(url, params=params, headers=self._headers))
+        except NotFound:
+            return None
+        return _result(response, attempts, from_lookup=True)
 
     def usage(self) -> Usage:
         """The caller's limits, usage and cache hits/misses."""
@@ -608,27 +679,48 @@ class AsyncFacegateClient:
         timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         http: httpx.AsyncClient | None = None,
+        lookup_first: bool = True,
     ) -> None:
         self.base_url, key = _resolve(base_url, key)
         self.retry = retry or RetryPolicy()
+        self.lookup_first = lookup_first
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(timeout=timeout)
         self._headers = _headers(key)
 
     async def analyze(
-        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
+        self,
+        image: ImageSource,
+        *,
+        landmarks: bool = False,
+        force: bool = False,
+        no_store: bool = False,
+        lookup_first: bool | None = None,
     ) -> AnalysisV1:
-        result = await self.analyze_detailed(image, landmarks=landmarks, force=force, no_store=no_store)
+        result = await self.analyze_detailed(
+            image, landmarks=landmarks, force=force, no_store=no_store, lookup_first=lookup_first
+        )
         return result.analysis
 
     async def analyze_detailed(
-        self, image: ImageSource, *, landmarks: bool = False, force: bool = False, no_store: bool = False
+        self,
+        image: ImageSource,
+        *,
+        landmarks: bool = False,
+        force: bool = False,
+        no_store: bool = False,
+        lookup_first: bool | None = None,
     ) -> AnalyzeResult:
         part = _image_part(image)
         if isinstance(part, Path):
             # Read once, off the event loop: images are capped at 20 MiB, and bytes make retries trivial.
             data = await asyncio.to_thread(part.read_bytes)
             part = (part.name, data, _content_type(part.name))
+        if (self.lookup_first if lookup_first is None else lookup_first) and not force:
+            # Off the event loop too: hashing 20 MiB takes tens of milliseconds.
+            found = await self._lookup(await asyncio.to_thread(_sha256_of, part), landmarks)
+            if found is not None:
+                return found
         params, headers = _analyze_request(landmarks, force, no_store)
         url = self.base_url + ANALYZE_PATH
         files = {"image": part}
@@ -638,10 +730,19 @@ class AsyncFacegateClient:
         return _result(response, attempts)
 
     async def analysis(self, sha256: str, *, landmarks: bool = False) -> AnalysisV1:
-        params = {"landmarks": "true"} if landmarks else {}
         url = self.base_url + _analysis_path(sha256)
+        params = _lookup_params(landmarks)
         response, attempts = await self._send(lambda: self._http.get(url, params=params, headers=self._headers))
         return _analysis(response, attempts)
+
+    async def _lookup(self, sha256: str, landmarks: bool) -> AnalyzeResult | None:
+        url = self.base_url + _analysis_path(sha256)
+        params = _lookup_params(landmarks)
+        try:
+            response, attempts = await self._send(lambda: self._http.get(url, params=params, headers=self._headers))
+        except NotFound:
+            return None
+        return _result(response, attempts, from_lookup=True)
 
     async def usage(self) -> Usage:
         url = self.base_url + "/v1/usage"

@@ -111,6 +111,20 @@
 
   // --- the request -------------------------------------------------------------------
 
+  // Hash first: the file's SHA-256 (WebCrypto), so an image facegate already analyzed is answered by
+  // GET /v1/faces/analyses/{sha256} without uploading it. crypto.subtle exists only in a secure context
+  // (https, or http on localhost / 127.0.0.1): elsewhere this is null and the page simply uploads.
+  async function sha256Hex(file) {
+    const subtle = window.isSecureContext && window.crypto && window.crypto.subtle;
+    if (!subtle) return null;
+    try {
+      const digest = await subtle.digest("SHA-256", await file.arrayBuffer());
+      return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
+    } catch (_) {
+      return null;
+    }
+  }
+
   async function analyze() {
     const key = keyInput.value.trim();
     hide($("error"));
@@ -120,26 +134,44 @@
     const controller = new AbortController();
     inFlight = controller;
     const file = picked;
-    const body = new FormData();
-    body.append("image", file, file.name);
+    const noCache = $("no-cache").checked;
+    const query = $("landmarks").checked ? "?landmarks=true" : "";
     const headers = { Authorization: "Bearer " + key, Accept: "application/json" };
-    if ($("no-cache").checked) headers["X-Facegate-Force"] = "1";
-    const url = "v1/faces/analyze" + ($("landmarks").checked ? "?landmarks=true" : "");
     statusLine.textContent = "Analyzing " + file.name + "…";
     button.disabled = true;
-    let response;
+    let response = null;
+    let fromLookup = false;
     let data = null;
     try {
-      response = await fetch(url, {
-        method: "POST",
-        body,
-        headers,
-        signal: controller.signal,
-        credentials: "omit",
-        // No `cache: "no-store"`/`"reload"`: pointless here (facegate ignores Cache-Control:
-        // no-cache; a fresh analysis is X-Facegate-Force, for tenants allowed to force).
-        referrerPolicy: "no-referrer",
-      });
+      const sha = noCache ? null : await sha256Hex(file); // "Force a fresh analysis" never looks up
+      if (sha) {
+        const found = await fetch("v1/faces/analyses/" + sha + query, {
+          headers,
+          signal: controller.signal,
+          credentials: "omit",
+          cache: "no-store", // an answer fetched with a key stays out of the browser's cache
+          referrerPolicy: "no-referrer",
+        });
+        if (found.status !== 404) {
+          response = found;
+          fromLookup = found.ok;
+        }
+      }
+      if (!response) {
+        const body = new FormData();
+        body.append("image", file, file.name);
+        if (noCache) headers["X-Facegate-Force"] = "1";
+        response = await fetch("v1/faces/analyze" + query, {
+          method: "POST",
+          body,
+          headers,
+          signal: controller.signal,
+          credentials: "omit",
+          // No `cache: "no-store"`/`"reload"`: pointless here (facegate ignores Cache-Control:
+          // no-cache; a fresh analysis is X-Facegate-Force, for tenants allowed to force).
+          referrerPolicy: "no-referrer",
+        });
+      }
       const text = await response.text();
       try {
         data = JSON.parse(text);
@@ -165,7 +197,7 @@
       return showError({ title: "Unexpected answer", detail: "The answer is not a v1 analysis." });
     }
     statusLine.textContent = "";
-    render(response, data, file);
+    render(response, data, file, fromLookup);
   }
 
   function problemOf(response, data) {
@@ -201,7 +233,7 @@
 
   // --- rendering an analysis ---------------------------------------------------------
 
-  function render(response, data, file) {
+  function render(response, data, file, fromLookup) {
     $("result").hidden = false;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
@@ -218,7 +250,7 @@
       (src.provider === "simulator" ? "simulator (sandbox: simulated answers, no credits)" : String(src.provider)) +
       (src.upstream_shape ? " · " + src.upstream_shape + " shape" : "") +
       (src.analyzed_at ? " · analyzed " + String(src.analyzed_at).replace(/\.\d+/, "").replace("T", " ") : "");
-    showCache(response.headers.get("Cache-Status"), src);
+    showCache(response.headers.get("Cache-Status"), src, fromLookup);
     showQuota(response.headers, $("quota"));
     $("request-id").textContent = response.headers.get("X-Request-ID") || data.request_id || "";
 
@@ -254,7 +286,7 @@
     });
   }
 
-  function showCache(header, source) {
+  function showCache(header, source, fromLookup) {
     const out = $("cache-status");
     out.replaceChildren();
     let word = source && source.cached ? "hit (no credit spent)" : "miss (a billable call)";
@@ -264,6 +296,7 @@
       else if (parts.includes("collapsed")) word = "collapsed onto an identical request in flight";
       else if (parts.includes("fwd=request")) word = "skipped on request (a billable call)";
     }
+    if (fromLookup) word = "hit, found by the image's SHA-256: the image was not uploaded (no credit spent)";
     out.appendChild(el("span", null, word));
     if (header) out.appendChild(el("code", "header", header));
   }

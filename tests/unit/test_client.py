@@ -84,6 +84,9 @@ EXPECTED: dict[str, type[FacegateError]] = {
     "quota_unavailable": ServiceUnavailable,
     "upstream_timeout": UpstreamError,
     "internal_error": ServiceUnavailable,
+    "too_many_uploads": RateLimited,
+    "invalid_digest": BadRequest,
+    "digest_mismatch": BadRequest,
 }
 
 
