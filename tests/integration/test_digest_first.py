@@ -346,18 +346,21 @@ def test_digest_hit_counts_as_a_hit_and_works_on_the_drop_in_route(gateway: Gate
     assert sim.calls == 1
 
 
-def test_no_cache_ignores_the_digest_for_the_answer_but_still_checks_it(gateway: Gateway, sim: Sim) -> None:
+def test_a_forced_analysis_ignores_the_digest_for_the_answer_but_still_checks_it(
+    gateway_factory: Any, sim: Sim
+) -> None:
+    gw: Gateway = gateway_factory(tenants={"alpha": {"allow_force": True}})
     image = unique_image()
-    prime(gateway, image)
-    with gateway.client() as c:
-        wrong = c.post(
-            ANALYZE,
-            content=image,
-            headers={"Content-Type": "image/jpeg", "Content-Digest": digest(b"x"), "Cache-Control": "no-cache"},
-        )
+    prime(gw, image)
+    force = {"Content-Type": "image/jpeg", "X-Facegate-Force": "1"}
+    with gw.client() as c:
+        wrong = c.post(ANALYZE, content=image, headers={**force, "Content-Digest": digest(b"x")})
+        fresh = c.post(ANALYZE, content=image, headers={**force, "Content-Digest": digest(image)})
     assert wrong.status_code == 400
     assert wrong.json()["code"] == "digest_mismatch"
-    assert sim.calls == 1
+    assert fresh.status_code == 200
+    assert fresh.headers["cache-status"].startswith("facegate; fwd=request")  # paid for, not from the headers
+    assert sim.calls == 2
 
 
 # --- real clients --------------------------------------------------------------------------

@@ -30,7 +30,8 @@ def proxy_for(gw: Gateway) -> ByteCountingProxy:
     return ByteCountingProxy(host, int(port))
 
 
-def test_client_uploads_only_images_facegate_does_not_know(gateway: Gateway, sim: Sim, tmp_path: Path) -> None:
+def test_client_uploads_only_images_facegate_does_not_know(gateway_factory: Any, sim: Sim, tmp_path: Path) -> None:
+    gateway: Gateway = gateway_factory(tenants={"alpha": {"allow_force": True}})
     image = unique_image("bmp", 600, 600)  # ~1 MB
     path = tmp_path / "photo.bmp"
     path.write_bytes(image)
@@ -58,7 +59,7 @@ def test_client_uploads_only_images_facegate_does_not_know(gateway: Gateway, sim
         assert proxy.sent - sent > len(image)
 
         sent = proxy.sent
-        forced = fg.analyze_detailed(image, no_cache=True)  # a forced call never asks the cache
+        forced = fg.analyze_detailed(image, force=True)  # a forced call never asks the cache
         assert not forced.from_lookup
         assert not forced.cache_hit
         assert proxy.sent - sent > len(image)

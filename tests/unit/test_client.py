@@ -87,9 +87,6 @@ EXPECTED: dict[str, type[FacegateError]] = {
     "too_many_uploads": RateLimited,
     "invalid_digest": BadRequest,
     "digest_mismatch": BadRequest,
-    # By status (no row in _BY_CODE yet): a 503 is ServiceUnavailable, a 403 a BadRequest.
-    "cache_unavailable": ServiceUnavailable,
-    "operator_required": BadRequest,
 }
 
 
