@@ -17,9 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-
-from app.redisconn import RedisDown, RedisHealth
+from app.redisconn import RedisClient, RedisDown, RedisHealth
 from app.upstream import contract
 
 T = TypeVar("T")
@@ -129,7 +127,7 @@ class RedisCache:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         health: RedisHealth,
         prefix: str,
         on_error: Callable[[], None] | None = None,

@@ -37,9 +37,10 @@ import orjson
 import redis.asyncio as aioredis
 
 from app import cache as cache_mod
+from app import redisconn
 from app.audit import audit
 from app.cache import CacheBackend, CacheError
-from app.redisconn import LOG_EVERY_S, RedisDown, RedisHealth
+from app.redisconn import LOG_EVERY_S, RedisClient, RedisDown, RedisHealth
 
 log = logging.getLogger("facegate.purge")
 
@@ -128,7 +129,7 @@ return 1
 class RedisIndex:
     """A sorted set per tenant under the tenant's hash tag, scored by expiry (ms, Redis time)."""
 
-    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str) -> None:
+    def __init__(self, client: RedisClient, health: RedisHealth, prefix: str) -> None:
         self._r = client
         self._health = health
         self._prefix = prefix
@@ -231,7 +232,7 @@ class LocalInvalidator:
 class RedisInvalidator:
     """Pub/sub on ``{prefix}:inv``; acknowledgements on a short-lived list per message."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, *, ack_timeout_s: float = 5.0) -> None:
+    def __init__(self, client: RedisClient, prefix: str, *, ack_timeout_s: float = 5.0) -> None:
         self._r = client
         self._channel = f"{prefix}:inv"
         self._ack_prefix = f"{prefix}:inv:ack:"
@@ -246,16 +247,16 @@ class RedisInvalidator:
     async def _listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
         backoff, last_log = 0.1, -LOG_EVERY_S
         while True:
-            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            subscription = redisconn.Subscription(self._r, [self._channel])
             try:
-                await pubsub.subscribe(self._channel)
+                await subscription.open(refresh=backoff > 0.1)
                 on_health(True)
                 self.subscribed.set()
                 backoff = 0.1
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        await self._apply(handler, message["data"])
+                    message = await subscription.get(1.0)
+                    if message is not None:
+                        await self._apply(handler, message[1])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any Redis/network failure: deaf until resubscribed
@@ -271,8 +272,7 @@ class RedisInvalidator:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await subscription.aclose()
 
     async def _apply(self, handler: Handler, data: bytes) -> None:
         try:
@@ -295,7 +295,7 @@ class RedisInvalidator:
         ack = self._ack_prefix + ident
         try:
             async with asyncio.timeout(self._ack_timeout_s):
-                told = int(await self._r.publish(self._channel, inv.encode(ident)))
+                told = await redisconn.publish(self._r, self._channel, inv.encode(ident))
         except (TimeoutError, OSError, aioredis.RedisError):
             raise CacheError("redis") from None
         confirmed = 0

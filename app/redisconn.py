@@ -1,4 +1,4 @@
-"""The one Redis pool (one Redis, or Sentinel's master), and how facegate behaves when Redis misbehaves.
+"""The one Redis pool (one Redis, Sentinel's master, or a Cluster), and how facegate behaves when Redis misbehaves.
 
 Every Redis-backed component runs its commands through :meth:`RedisHealth.run`: short
 timeouts, errors counted and logged without flooding, and after a failure Redis is
@@ -9,14 +9,17 @@ a timeout per command. It is retried by itself afterwards: nothing needs a resta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from app.redisurl import RedisTarget
@@ -24,6 +27,9 @@ from app.settings import Settings
 
 log = logging.getLogger("facegate.redis")
 T = TypeVar("T")
+
+#: What :func:`connect` returns: one Redis (or Sentinel's master), or a Redis Cluster.
+RedisClient = aioredis.Redis | RedisCluster
 
 #: After a failure, how long Redis is not even tried.
 COOLDOWN_S: Final = 1.0
@@ -50,8 +56,8 @@ def _options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def connect(settings: Settings) -> aioredis.Redis:
-    """One pool for the process, to one Redis or to the master that Sentinel names.
+def connect(settings: Settings) -> RedisClient:
+    """One pool for the process: to one Redis, to the master Sentinel names, or to a Cluster.
 
     Per-operation timeouts are applied by :meth:`RedisHealth.run`, not by redis-py's
     ``socket_timeout``: that one wraps socket writes in ``asyncio.wait_for``, which on
@@ -63,13 +69,35 @@ def connect(settings: Settings) -> aioredis.Redis:
     master is; after a failover the connections to the old master fail (refused, or
     READONLY once it is demoted, which redis-py turns into a ConnectionError) and the next
     ones go to the new master. Nothing needs a restart.
+
+    Cluster (``redis+cluster://``): the seed nodes tell the slot map; commands go to the
+    slot's primary, MOVED/ASK and failovers refresh the map (redis-py retries a failed
+    command after a refresh, within our per-operation timeout). Keys that one script or
+    one atomic step touches share a hash tag, one per logical structure — a tenant's quota
+    state ``{tenant}``, the upstream guard ``{upstream}``, a single-flight shard ``{sN}``
+    (lease keys and their notification channel) — so each runs on one slot. Anything new
+    that needs atomicity over several keys (a fair queue, a key pool) takes its own tag.
+    ``require_full_coverage=False``: while one shard fails over, the others keep working.
     """
     target = settings.redis_target
     if target.kind == "single":
         return aioredis.Redis.from_url(settings.redis_url, retry_on_timeout=False, **_options(settings))
     if target.kind == "sentinel":
         return _sentinel_master(settings, target)
-    raise ValueError(f"FACEGATE_REDIS_URL: {target.kind} is not supported by this version")
+    nodes = [ClusterNode(host, port) for host, port in target.nodes]
+    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **_url_options(target), **_options(settings))
+
+
+def is_cluster(client: RedisClient) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+async def ping(client: RedisClient) -> None:
+    """PING the Redis (on a cluster: every primary, so a shard without one is "not ready")."""
+    if isinstance(client, RedisCluster):
+        await client.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await client.ping()
 
 
 def _url_options(target: RedisTarget) -> dict[str, Any]:
@@ -116,7 +144,7 @@ def _sentinel_master(settings: Settings, target: RedisTarget) -> aioredis.Redis:
     return client
 
 
-async def warm(client: aioredis.Redis, connections: int) -> bool:
+async def warm(client: RedisClient, connections: int) -> bool:
     """Open ``connections`` pooled connections now; False if Redis did not answer (not an error).
 
     A burst of first requests on a cold pool opens one connection each, all at once; on a
@@ -125,11 +153,11 @@ async def warm(client: aioredis.Redis, connections: int) -> bool:
     paid calls), quotas refused. Connections opened at start are kept by the pool.
     """
 
-    async def ping() -> None:
+    async def one() -> None:
         async with asyncio.timeout(2.0):
-            await client.ping()
+            await ping(client)  # on a cluster: one connection to each primary
 
-    results = await asyncio.gather(*(ping() for _ in range(connections)), return_exceptions=True)
+    results = await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
     return not any(isinstance(r, BaseException) for r in results)
 
 
@@ -192,3 +220,99 @@ class RedisHealth:
             # What happens next is the component's policy (the cache skips, quotas follow
             # FACEGATE_QUOTA_FAIL_MODE), so the line states only the fact.
             log.warning("redis unavailable for %s (%s); retrying in %.0f s", component, type(exc).__name__, COOLDOWN_S)
+
+
+class Subscription:
+    """The messages of a fixed set of channels: plain pub/sub, or sharded pub/sub on a Cluster.
+
+    On a Cluster, classic ``PUBLISH`` is broadcast to every node (and counts only one
+    node's subscribers); sharded channels live on the node that serves their slot:
+    ``SPUBLISH`` reaches that node's subscribers and returns their number, and a Lua script
+    may ``SPUBLISH`` to a channel of its own slot. There is no pattern form. redis-py's
+    ``ClusterPubSub`` holds one connection per node, but its ``get_sharded_message`` waits
+    out each node's timeout in turn (a second of latency), so one reader per node feeds a
+    queue here. Any failure (a node lost, a slot moved) comes out of :meth:`get` as the
+    exception: the owner closes this subscription and opens a new one (``refresh=True``
+    re-reads the slot map first, which pub/sub errors alone do not trigger).
+    """
+
+    def __init__(self, client: RedisClient, channels: list[str]) -> None:
+        self._client = client
+        self._channels = channels
+        self._pubsub: Any = None
+        self._queue: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue()
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def open(self, *, refresh: bool = False) -> None:
+        client = self._client
+        if not isinstance(client, RedisCluster):
+            self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+            await self._pubsub.subscribe(*self._channels)
+            return
+        if refresh:
+            await client.nodes_manager.initialize()
+        else:
+            await client.initialize()
+        self._pubsub = pubsub = client.pubsub(ignore_subscribe_messages=True)
+        await pubsub.ssubscribe(*self._channels)
+        names = frozenset(pubsub.node_pubsub_mapping)
+        for name in names:
+            node = client.get_node(node_name=name)
+            self._readers.append(asyncio.get_running_loop().create_task(self._read(pubsub, node, names)))
+
+    async def _read(self, pubsub: Any, node: Any, names: frozenset[str]) -> None:
+        try:
+            while True:
+                message = await pubsub.get_sharded_message(
+                    ignore_subscribe_messages=True, timeout=1.0, target_node=node
+                )
+                if message is not None and message.get("type") in ("smessage", b"smessage"):
+                    self._queue.put_nowait((message["channel"], message["data"]))
+                if frozenset(pubsub.node_pubsub_mapping) != names:
+                    raise RedisConnectionError("shard channels moved to other nodes")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+
+    async def get(self, wait_s: float) -> tuple[bytes, bytes] | None:
+        """The next (channel, data), or None after ``wait_s`` seconds without one."""
+        if self._pubsub is None:
+            raise RedisConnectionError("not subscribed")
+        if not isinstance(self._client, RedisCluster):
+            message = await self._pubsub.get_message(timeout=wait_s)
+            if message is not None and message.get("type") == "message":
+                return message["channel"], message["data"]
+            return None
+        try:
+            async with asyncio.timeout(wait_s):
+                item = await self._queue.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        for task in self._readers:
+            task.cancel()
+        for task in self._readers:
+            with contextlib.suppress(BaseException):
+                await task
+        self._readers.clear()
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+
+async def publish(client: RedisClient, channel: str, message: bytes) -> int:
+    """PUBLISH (SPUBLISH on a Cluster) to a :class:`Subscription`'s channel; how many heard it."""
+    if isinstance(client, RedisCluster):
+        return int(await client.spublish(channel, message))
+    return int(await client.publish(channel, message))
+
+
+def publish_command(client: RedisClient) -> str:
+    """The command a Lua script uses to notify a :class:`Subscription` (the channel in its slot)."""
+    return "SPUBLISH" if isinstance(client, RedisCluster) else "PUBLISH"

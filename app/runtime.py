@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from app import __version__, redisconn
@@ -55,7 +54,7 @@ class Runtime:
     intake: IntakeLimits
     uploads: UploadGate
     purger: Purger
-    redis: aioredis.Redis | None = None
+    redis: redisconn.RedisClient | None = None
 
     async def readiness(self) -> dict[str, str]:
         checks = {
@@ -65,7 +64,7 @@ class Runtime:
         if self.redis is not None:
             try:
                 async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s * 4)):
-                    await self.redis.ping()
+                    await redisconn.ping(self.redis)  # on a Cluster: every primary
                 checks["redis"] = "ok"
             except Exception as exc:  # any failure means "not ready", the type says which
                 checks["redis"] = f"unreachable ({type(exc).__name__})"
@@ -92,7 +91,7 @@ def load_tenants(
 
 async def backends(
     settings: Settings, metrics: Metrics
-) -> tuple[aioredis.Redis | None, CacheBackend, Limiter, Coordinator, Guard]:
+) -> tuple[redisconn.RedisClient | None, CacheBackend, Limiter, Coordinator, Guard]:
     """Redis-backed when FACEGATE_REDIS_URL is set, in-memory otherwise — chosen once, here."""
     memory = MemoryCache(settings.cache_memory_max_bytes)
     local_guard = LocalGuard(settings.upstream_qps, settings.upstream_max_concurrency)
@@ -129,7 +128,7 @@ async def backends(
     return client, cache, RedisLimiter(client, health(), prefix), coordinator, guard
 
 
-def purge_backends(client: aioredis.Redis | None, settings: Settings) -> tuple[CacheIndex, Invalidator]:
+def purge_backends(client: redisconn.RedisClient | None, settings: Settings) -> tuple[CacheIndex, Invalidator]:
     """The cache index and the invalidation bus: in memory for one process, else in Redis."""
     if client is None:
         return MemoryIndex(), LocalInvalidator()

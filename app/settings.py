@@ -18,8 +18,6 @@ from app import redisurl
 from app.upstream import contract
 
 DEFAULT_UPSTREAM_URL = "https://www.ailabapi.com"
-#: Redis Cluster is parsed (app/redisurl.py) but served only once every component speaks it (issue 14).
-SUPPORTED_TOPOLOGIES = frozenset({"single", "sentinel"})
 
 
 class Settings(BaseSettings):
@@ -81,7 +79,7 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "",
         description="Empty = in-memory cache and quotas (one process only); redis://, rediss://, unix:// "
-        "(one Redis) or redis+sentinel:// (Sentinel): see app/redisurl.py.",
+        "(one Redis), redis+cluster:// (Cluster) or redis+sentinel:// (Sentinel): see app/redisurl.py.",
     )
     redis_sentinel_password: SecretStr | None = Field(
         None, description="Password of the sentinels themselves (the URL's credentials are the data nodes')."
@@ -132,8 +130,6 @@ class Settings(BaseSettings):
         if not value:
             return value
         target = redisurl.parse(value)
-        if target.kind not in SUPPORTED_TOPOLOGIES:
-            raise ValueError(f"{target.kind} is not supported by this version")
         from redis.connection import parse_url  # the options every topology shares, as redis-py reads them
 
         try:

@@ -16,12 +16,12 @@ import contextlib
 import logging
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
-import redis.asyncio as aioredis
-
+from app import redisconn
 from app.cache import CacheError
 from app.redisconn import LOG_EVERY_S, RedisDown, RedisHealth
 
@@ -178,8 +178,10 @@ async def renewing(renew: Callable[[], Awaitable[bool]], every_s: float):  # typ
 
 
 _RELEASE = """
+-- KEYS: 1 lease. ARGV: 1 owner token, 2 channel (same hash tag as the lease), 3 message,
+--       4 'PUBLISH' or 'SPUBLISH' (Cluster: a script may notify only a channel of its own slot)
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call(ARGV[4], ARGV[2], ARGV[3])
 return 1
 """
 _RENEW = """
@@ -187,6 +189,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 _KINDS: dict[bytes, Literal["done", "error", "abandoned"]] = {b"D": "done", b"E": "error", b"A": "abandoned"}
+
+#: Outcomes travel on this many channels; a key's lease and its channel share the hash tag
+#: ``{sN}`` (N from the key), so on a Cluster both live on one slot and one node.
+SHARDS: Final = 16
+
+
+def shard_of(key: str) -> int:
+    return zlib.crc32(key.encode()) % SHARDS
 
 
 @dataclass(slots=True)
@@ -198,19 +208,22 @@ class RedisLease:
 class RedisCoordinator:
     """Leadership by ``SET NX PX`` with an owner token; outcomes by pub/sub.
 
-    One pattern subscription per process carries every outcome, dispatched to local
-    waiters by key, so a thousand waiting requests hold no extra Redis connections and
-    nobody polls. The lease is short and renewed by its holder: if the holder dies, the
-    lease expires within ``lock_ttl_s`` and a waiting replica takes over. A waiter
-    registers before checking that the lease still exists, so an outcome published in
-    between is never missed for longer than that check.
+    One subscription per process to :data:`SHARDS` fixed channels carries every outcome
+    (the message names the key), dispatched to local waiters by key, so a thousand waiting
+    requests hold no extra Redis connections and nobody polls. On a Redis Cluster the
+    channels are sharded (``SSUBSCRIBE``/``SPUBLISH``; no pattern subscription exists there),
+    elsewhere plain pub/sub. The lease is short and renewed by its holder: if the holder
+    dies, the lease expires within ``lock_ttl_s`` and a waiting replica takes over. A
+    waiter registers before checking that the lease still exists, so an outcome published
+    in between is never missed for longer than that check.
     """
 
-    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str, lock_ttl_s: float) -> None:
+    def __init__(self, client: redisconn.RedisClient, health: RedisHealth, prefix: str, lock_ttl_s: float) -> None:
         self._r = client
         self._health = health
-        self._lock_prefix = f"{prefix}:sf:"
-        self._channel_prefix = f"{prefix}:sfc:"
+        self._prefix = prefix
+        self._channels = [f"{prefix}:sfc:{{s{n}}}" for n in range(SHARDS)]
+        self._publish = redisconn.publish_command(client)
         self._ttl_ms = max(100, int(lock_ttl_s * 1000))
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
@@ -218,27 +231,30 @@ class RedisCoordinator:
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
 
+    def lease_key(self, key: str) -> str:
+        return f"{self._prefix}:sf:{{s{shard_of(key)}}}:{key}"
+
     def start(self) -> None:
         self._listener = asyncio.get_running_loop().create_task(self._listen(), name="singleflight-listener")
 
     async def _listen(self) -> None:
-        """Keep one pattern subscription alive for the life of the process."""
+        """Keep one subscription alive for the life of the process."""
         backoff = 0.1
         lost = False
         last_log = -LOG_EVERY_S
         while True:
-            pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+            subscription = redisconn.Subscription(self._r, self._channels)
             try:
-                await pubsub.psubscribe(self._channel_prefix + "*")
+                await subscription.open(refresh=lost)
                 self._subscribed.set()
                 if lost:
                     log.info("single-flight subscription restored")
                     lost = False
                 backoff = 0.1
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "pmessage":
-                        self._dispatch(message["channel"], message["data"])
+                    message = await subscription.get(1.0)
+                    if message is not None:
+                        self._dispatch(message[1])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any Redis/network failure: resubscribe after a pause
@@ -251,12 +267,12 @@ class RedisCoordinator:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await subscription.aclose()
 
-    def _dispatch(self, channel: bytes, data: bytes) -> None:
-        key = channel.decode()[len(self._channel_prefix) :]
-        outcome = Outcome(_KINDS.get(data[:1], "abandoned"), bytes(data[1:]))
+    def _dispatch(self, data: bytes) -> None:
+        head, _, payload = bytes(data).partition(b"\n")
+        key = head[1:].decode()
+        outcome = Outcome(_KINDS.get(head[:1], "abandoned"), payload)
         for future in self._waiters.pop(key, []):
             if not future.done():
                 future.set_result(outcome)
@@ -265,7 +281,7 @@ class RedisCoordinator:
         token = uuid.uuid4().hex
         try:
             won = await self._health.run(
-                "singleflight", lambda: self._r.set(self._lock_prefix + key, token, nx=True, px=self._ttl_ms)
+                "singleflight", lambda: self._r.set(self.lease_key(key), token, nx=True, px=self._ttl_ms)
             )
         except RedisDown:
             raise CacheError("redis") from None
@@ -276,7 +292,7 @@ class RedisCoordinator:
         try:
             kept = await self._health.run(
                 "singleflight",
-                lambda: self._renew(keys=[self._lock_prefix + lease.key], args=[lease.token, self._ttl_ms]),
+                lambda: self._renew(keys=[self.lease_key(lease.key)], args=[lease.token, self._ttl_ms]),
             )
         except RedisDown:
             return False
@@ -289,7 +305,7 @@ class RedisCoordinator:
         self._waiters.setdefault(key, []).append(future)
         try:
             try:
-                held = await self._health.run("singleflight", lambda: self._r.exists(self._lock_prefix + key))
+                held = await self._health.run("singleflight", lambda: self._r.exists(self.lease_key(key)))
             except RedisDown:
                 raise CacheError("redis") from None
             if not held:
@@ -308,12 +324,14 @@ class RedisCoordinator:
 
     async def release(self, lease: Lease, outcome: Outcome) -> None:
         assert isinstance(lease, RedisLease)
-        message = {"done": b"D", "error": b"E"}.get(outcome.kind, b"A") + outcome.payload
+        kind = {"done": b"D", "error": b"E"}.get(outcome.kind, b"A")
+        message = kind + lease.key.encode() + b"\n" + outcome.payload
+        channel = self._channels[shard_of(lease.key)]
         try:
             await self._health.run(
                 "singleflight",
                 lambda: self._release(
-                    keys=[self._lock_prefix + lease.key], args=[lease.token, self._channel_prefix + lease.key, message]
+                    keys=[self.lease_key(lease.key)], args=[lease.token, channel, message, self._publish]
                 ),
             )
         except RedisDown:

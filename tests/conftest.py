@@ -107,6 +107,25 @@ def redis_sentinel() -> Iterator[RedisSentinelServer]:
         setup.close()
 
 
+TOPOLOGIES = ("single", "cluster", "sentinel")
+
+
+def topology_url(request: pytest.FixtureRequest, kind: str) -> str:
+    """``FACEGATE_REDIS_URL`` of a topology: one Redis, a Redis Cluster, or Sentinel."""
+    if kind == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    if kind == "sentinel":
+        return str(request.getfixturevalue("redis_sentinel").url)
+    return str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(scope="session", params=TOPOLOGIES)
+def redis_topology(request: pytest.FixtureRequest) -> str:
+    """Each topology's URL in turn: a suite that takes this instead of ``redis_url`` runs once per
+    topology (parametrised, not copied); the cluster and Sentinel are started once per session."""
+    return topology_url(request, request.param)
+
+
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis this test may stop and restart."""

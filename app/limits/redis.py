@@ -5,11 +5,9 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from app.limits.base import Admission, Clock, QuotaState, QuotaUnavailable, RateState, Record, Reservation, Usage
 from app.limits.gcra import US, available, interval_arg, interval_us
-from app.redisconn import RedisDown, RedisHealth
+from app.redisconn import RedisClient, RedisDown, RedisHealth
 from app.tenants import Tenant
 
 
@@ -34,7 +32,7 @@ class RedisLimiter:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         health: RedisHealth,
         prefix: str,
         clock: Clock | None = None,

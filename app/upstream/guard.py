@@ -17,9 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
-from app.redisconn import RedisDown, RedisHealth
+from app.redisconn import RedisClient, RedisDown, RedisHealth
 
 
 class GuardTimeout(Exception):
@@ -127,7 +125,7 @@ class RedisGuard:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         health: RedisHealth,
         prefix: str,
         *,

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from app import redisconn
 from app.cache import CacheError
@@ -27,7 +26,7 @@ from app.settings import Settings
 from app.singleflight import Flights, Outcome, RedisCoordinator, RedisLease, join, renewing
 from tests.cachekit import COMMON_ENV, Sent, analysis, credits_today, in_parallel, send_concurrently, status, wait_until
 from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import ServerProcess, free_port
+from tests.servers import ServerProcess, free_port, redis_client
 
 MISS = "facegate; fwd=uri-miss; stored"
 COLLAPSED = "facegate; fwd=uri-miss; collapsed"
@@ -39,18 +38,18 @@ COLLAPSED = "facegate; fwd=uri-miss; collapsed"
 class Replicas:
     a: RedisCoordinator
     b: RedisCoordinator
-    clients: list[aioredis.Redis] = field(default_factory=list)
+    clients: list[redisconn.RedisClient] = field(default_factory=list)
 
 
-def _coordinator(url: str, prefix: str, lock_ttl_s: float) -> tuple[aioredis.Redis, RedisCoordinator]:
+def _coordinator(url: str, prefix: str, lock_ttl_s: float) -> tuple[redisconn.RedisClient, RedisCoordinator]:
     client = redisconn.connect(Settings(redis_url=url))
     return client, RedisCoordinator(client, RedisHealth(), prefix, lock_ttl_s)
 
 
 @pytest.fixture
-async def replicas(redis_url: str) -> AsyncIterator[Replicas]:
+async def replicas(redis_topology: str) -> AsyncIterator[Replicas]:
     prefix = "s" + uuid.uuid4().hex[:12]
-    (ca, a), (cb, b) = _coordinator(redis_url, prefix, 0.3), _coordinator(redis_url, prefix, 0.3)
+    (ca, a), (cb, b) = _coordinator(redis_topology, prefix, 0.3), _coordinator(redis_topology, prefix, 0.3)
     for coordinator in (a, b):
         coordinator.start()
     async with asyncio.timeout(5):
@@ -181,13 +180,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(sim_server: ServerProcess, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    sim_server: ServerProcess, redis_topology: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     tenants_file = root / "tenants.toml"
     keys = write_tenants(tenants_file, {"alpha": {}, "beta": {}})
     env = {
         **COMMON_ENV,
-        "FACEGATE_REDIS_URL": redis_url,
+        "FACEGATE_REDIS_URL": redis_topology,
         "FACEGATE_REDIS_PREFIX": "c" + uuid.uuid4().hex[:12],  # one prefix: one deployment
         "FACEGATE_TENANTS_FILE": str(tenants_file),
         "FACEGATE_SINGLEFLIGHT_LOCK_TTL_S": "1",
@@ -200,7 +201,7 @@ def cluster(sim_server: ServerProcess, redis_url: str, tmp_path_factory: pytest.
         return start_gateway(sim, root / f"gw{i}-{next(counter)}", keys=keys, env=env)
 
     gateways = in_parallel(*(lambda i=i: start_one(i) for i in range(3)))
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_topology)
     result = Cluster(gateways, start_one, client)
     try:
         yield result

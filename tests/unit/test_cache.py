@@ -15,18 +15,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
-import redis.asyncio as aioredis
 
 from app import cache as cache_mod
 from app.cache import CacheBackend, CacheError, MemoryCache, RedisCache, TieredCache, cache_key
-from app.redisconn import COOLDOWN_S, RedisHealth
+from app.redisconn import COOLDOWN_S, RedisClient, RedisHealth
 from app.settings import Settings
 from app.singleflight import Outcome
 from app.upstream import contract
+from tests.conftest import topology_url
 from tests.servers import RedisServer, free_port
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str) -> RedisClient:
     """The production pool settings, pointed at ``url`` (timeouts come from RedisHealth)."""
     from app import redisconn
 
@@ -46,17 +46,16 @@ class Clock:
 # --- one suite, every backend ---------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "redis", "tiered"])
+@pytest.fixture(params=["memory", "redis", "tiered", "redis-cluster", "redis-sentinel"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[CacheBackend]:
     if request.param == "memory":
         yield MemoryCache(1 << 20)
         return
-    url: str = request.getfixturevalue("redis_url")
-    client = connect(url)
+    client = connect(topology_url(request, request.param.partition("-")[2] or "single"))
     prefix = "u" + uuid.uuid4().hex[:12]
     shared = RedisCache(client, RedisHealth(), prefix)
     try:
-        yield shared if request.param == "redis" else TieredCache(MemoryCache(1 << 20), shared)
+        yield TieredCache(MemoryCache(1 << 20), shared) if request.param == "tiered" else shared
     finally:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
         if keys:
@@ -255,7 +254,7 @@ class Errors:
         self.count += 1
 
 
-def down_cache(clock: Clock, errors: Callable[[], None]) -> tuple[aioredis.Redis, RedisCache]:
+def down_cache(clock: Clock, errors: Callable[[], None]) -> tuple[RedisClient, RedisCache]:
     client = connect(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     return client, RedisCache(client, RedisHealth(clock=clock), "u" + uuid.uuid4().hex[:12], on_error=errors)
 

@@ -19,10 +19,13 @@ import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
+from app import redisconn
 from app.limits import Admission, Limiter, MemoryLimiter, QuotaUnavailable, RedisLimiter
 from app.limits.gcra import US, windows_us
-from app.redisconn import RedisHealth
+from app.redisconn import RedisClient, RedisHealth
+from app.settings import Settings
 from app.tenants import Limits, Tenant
+from tests.conftest import TOPOLOGIES, topology_url
 
 pytestmark = pytest.mark.redis
 
@@ -57,9 +60,10 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+@pytest.fixture(params=TOPOLOGIES)
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[RedisClient]:
+    """A production client (app/redisconn.py) on each topology in turn."""
+    client = redisconn.connect(Settings(redis_url=topology_url(request, request.param), _env_file=None))
     try:
         yield client
     finally:
@@ -68,6 +72,8 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix; its keys are removed from the shared Redis afterwards (the cluster and
+    Sentinel setups are the session's own)."""
     p = "t" + uuid.uuid4().hex[:12]
     yield p
     sync = redis.Redis.from_url(redis_url)
@@ -79,12 +85,17 @@ def prefix(redis_url: str) -> Iterator[str]:
         sync.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def limiter(request: pytest.FixtureRequest, clock: Clock) -> Limiter:
+@pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])
+async def limiter(request: pytest.FixtureRequest, clock: Clock, prefix: str) -> AsyncIterator[Limiter]:
     if request.param == "memory":
-        return MemoryLimiter(clock=clock)
-    client = request.getfixturevalue("redis_client")
-    return RedisLimiter(client, RedisHealth(), request.getfixturevalue("prefix"), clock=clock)
+        yield MemoryLimiter(clock=clock)
+        return
+    url = topology_url(request, request.param.partition("-")[2] or "single")
+    client = redisconn.connect(Settings(redis_url=url, _env_file=None))
+    try:
+        yield RedisLimiter(client, RedisHealth(), prefix, clock=clock)
+    finally:
+        await client.aclose()
 
 
 async def reserve_n(lim: Limiter, t: Tenant, n: int) -> list[Admission]:
@@ -317,7 +328,7 @@ def _view(a: Admission) -> tuple[Any, ...]:
     )
 
 
-async def test_memory_and_redis_decide_identically(redis_client: aioredis.Redis, prefix: str) -> None:
+async def test_memory_and_redis_decide_identically(redis_client: RedisClient, prefix: str) -> None:
     """A long random run (rates with fractional µs intervals, rollovers, refunds) on both backends."""
     clock = Clock("2024-02-27T23:59:50")
     mem = MemoryLimiter(clock=clock)
@@ -350,9 +361,9 @@ async def test_memory_and_redis_decide_identically(redis_client: aioredis.Redis,
 # --- Redis specifics --------------------------------------------------------------------
 
 
-async def test_redis_reservations_are_exact_under_concurrency(redis_url: str, prefix: str) -> None:
+async def test_redis_reservations_are_exact_under_concurrency(redis_topology: str, prefix: str) -> None:
     """Three limiters on three connections pools (three "replicas"), 300 concurrent reservations."""
-    clients = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+    clients = [redisconn.connect(Settings(redis_url=redis_topology, _env_file=None)) for _ in range(3)]
     try:
         limiters = [RedisLimiter(c, RedisHealth(), prefix) for c in clients]
         t = tenant(rate=100_000, burst=100_000, day=37, month=1000)
@@ -365,15 +376,15 @@ async def test_redis_reservations_are_exact_under_concurrency(redis_url: str, pr
             await c.aclose()
 
 
-async def test_redis_keys_share_the_tenant_hash_tag_and_use_redis_time(
-    redis_client: aioredis.Redis, prefix: str
-) -> None:
+async def test_redis_keys_share_the_tenant_hash_tag_and_use_redis_time(redis_client: RedisClient, prefix: str) -> None:
     lim = RedisLimiter(redis_client, RedisHealth(), prefix)  # no clock: Redis TIME
     t = tenant("team-7")
     a = await lim.admit(t, reserve=True, record="misses")
     assert a.allowed
     assert a.reservation
-    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys(f"{prefix}:*"))
+    keys = sorted(
+        [k.decode() if isinstance(k, bytes) else k async for k in redis_client.scan_iter(match=f"{prefix}:*")]
+    )
     assert keys == sorted(lim.keys("team-7"))
     assert all("{team-7}" in k for k in keys)
     assert len({key_slot(k.encode()) for k in keys}) == 1, "one Redis Cluster slot per tenant"
@@ -384,7 +395,7 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_use_redis_time(
     assert abs(a.quotas[0].reset_s - (day.reset_us - now_us) / US) < 5
 
 
-async def test_redis_reloads_scripts_after_a_flush(redis_client: aioredis.Redis, prefix: str, clock: Clock) -> None:
+async def test_redis_reloads_scripts_after_a_flush(redis_client: RedisClient, prefix: str, clock: Clock) -> None:
     lim = RedisLimiter(redis_client, RedisHealth(), prefix, clock=clock)
     t = tenant()
     assert (await lim.admit(t, reserve=True)).allowed
@@ -407,7 +418,7 @@ async def test_redis_down_is_quota_unavailable(own_redis: Any) -> None:
         await client.aclose()
 
 
-async def test_lua_calendar_matches_python_over_many_days(redis_client: aioredis.Redis, prefix: str) -> None:
+async def test_lua_calendar_matches_python_over_many_days(redis_client: RedisClient, prefix: str) -> None:
     """Lua's civil-date arithmetic against Python's calendar, every ~3.7 days for 40 years."""
     clock = Clock("2000-01-01T00:00:00")
     lim = RedisLimiter(redis_client, RedisHealth(), prefix, clock=clock)
