@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from app.cache import cache_key
+from app.singleflight import SHARDS
 from app.upstream import contract
 from tests.cachekit import (
     COMMON_ENV,
@@ -36,8 +37,8 @@ from tests.cachekit import (
     usage,
     wait_until,
 )
-from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import RedisServer, ServerProcess
+from tests.conftest import Gateway, Sim, start_gateway, topology_url, unique_image, write_tenants
+from tests.servers import RedisServer, ServerProcess, redis_client
 
 MISS = "facegate; fwd=uri-miss; stored"
 TENANTS: dict[str, dict[str, Any]] = {
@@ -54,7 +55,7 @@ class Backend:
     main: Gateway
     short: Gateway
     small: Gateway
-    redis: redis.Redis | None
+    redis: Any | None  # a sync client of the topology (tests/servers.py redis_client)
 
     def stored_scopes(self, gw: Gateway, image: bytes) -> set[str]:
         """Which scopes hold an entry for ``image`` in Redis."""
@@ -64,16 +65,16 @@ class Backend:
         return {s for s in scopes if self.redis.exists(prefix + cache_key(scope=s, sha256=sha(image)))}
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="module", params=["memory", "redis", "redis-cluster", "redis-sentinel"])
 def backend(
     request: pytest.FixtureRequest, sim_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     env = dict(COMMON_ENV)
     client = None
-    if request.param == "redis":
-        url: str = request.getfixturevalue("redis_url")
+    if request.param.startswith("redis"):
+        url = topology_url(request, request.param.partition("-")[2] or "single")
         env["FACEGATE_REDIS_URL"] = url
-        client = redis.Redis.from_url(url)
+        client = redis_client(url)
     sim = Sim(sim_server)
     short_env = {
         **env,
@@ -448,8 +449,8 @@ def test_redis_outage_fails_open_and_recovers_without_a_restart(
     assert status(post(one, fresh)) == MISS
     assert status(post(two, fresh)).startswith("facegate; hit")  # two never saw it: it came from Redis
 
-    def subscribers() -> int:  # PUBSUB NUMPAT counts distinct patterns; both replicas use the same one
-        return sum(1 for c in probe.client_list() if int(c.get("psub", 0)) > 0)
+    def subscribers() -> int:  # the single-flight subscriptions (one per replica, to every shard channel)
+        return sum(1 for c in probe.client_list() if int(c.get("sub", 0)) == SHARDS)
 
     wait_until(lambda: subscribers() == 2, 10, "both replicas to resubscribe", every=0.1)
     sim.faults(latency_ms=800)

@@ -129,7 +129,7 @@ def small_images(n: int) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def cluster(
-    sim_server: ServerProcess, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    sim_server: ServerProcess, redis_topology: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[Gateway]]:
     tmp = tmp_path_factory.mktemp("cluster")
     tenants_file = tmp / "tenants.toml"
@@ -140,7 +140,7 @@ def cluster(
     )
     env = {
         **FAST,
-        "FACEGATE_REDIS_URL": redis_url,
+        "FACEGATE_REDIS_URL": redis_topology,
         "FACEGATE_REDIS_PREFIX": "t" + uuid.uuid4().hex[:12],
         "FACEGATE_UPSTREAM_MAX_CONCURRENCY": "32",
     }
