@@ -1,13 +1,17 @@
-"""The six benchmark rows. Each appends :class:`Line` s (one table) and details to a :class:`Bench`.
+"""The benchmark rows. Each appends :class:`Line` s (one table) and details to a :class:`Bench`.
 
 Rows 1-2 measure speed with wrk; rows 3-6 count things (upstream calls, admissions,
-memory, Redis round trips) with an asyncio client. Every gateway is ``python -m app
+memory, Redis round trips) with an asyncio client; row 7 measures the hash-first hits with
+wrk and counts their bytes on the wire. Every gateway is ``python -m app
 serve`` (one uvicorn worker) against the simulator, started and stopped here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import io
 import secrets
 import shutil
 import tempfile
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import redis
@@ -27,6 +32,7 @@ from app.tenants import new_key, paste_line
 from app.upstream import contract
 from bench import client, images, procs, profile, wrkrun
 from bench.redisproxy import CountingProxy
+from tests.servers import ByteCountingProxy
 
 ANALYZE = "/v1/faces/analyze"
 
@@ -614,7 +620,165 @@ def row6(b: Bench) -> None:
     )
 
 
-ROWS: dict[int, Callable[[Bench], None]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6}
+# --- row 7: hash first ------------------------------------------------------------------------
+
+
+def _digest_field(data: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+
+
+def _bytes_per_request(gw: procs.Server, headers: dict[str, str], image: bytes, how: str, n: int) -> float:
+    """Bytes a real client puts on the wire toward the server per request, counted by a TCP proxy."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with ByteCountingProxy(host, int(port)) as proxy:
+        if how == "classic":
+            body = images.multipart(image)
+            with httpx.Client(timeout=60) as http:
+                for _ in range(n):
+                    http.post(proxy.url + ANALYZE, content=body, headers=headers).raise_for_status()
+        elif how == "lookup":
+            url = proxy.url + "/v1/faces/analyses/" + hashlib.sha256(image).hexdigest()
+            auth = {"Authorization": headers["Authorization"]}
+            with httpx.Client(timeout=60) as http:
+                for _ in range(n):
+                    http.get(url, headers=auth).raise_for_status()
+        else:  # a real Expect: 100-continue client, aiohttp with expect100=True
+            raw = {"Authorization": headers["Authorization"], "Content-Type": "image/jpeg"}
+            raw["Content-Digest"] = _digest_field(image)
+
+            async def expect() -> None:
+                async with aiohttp.ClientSession() as session:
+                    for _ in range(n):
+                        async with session.post(
+                            proxy.url + ANALYZE, data=io.BytesIO(image), headers=raw, expect100=True
+                        ) as response:
+                            response.raise_for_status()
+                            await response.read()
+
+            asyncio.run(expect())
+        return proxy.sent / n
+
+
+def _profile_lookup(b: Bench, gw: procs.Server, script: Path, url: str, args: list[str]) -> None:
+    if profile.py_spy() is None:
+        b.notes.append("py-spy is not installed (pip install py-spy): no profile")
+        return
+    out = profile.PROFILES / "hit-lookup.speedscope.json"
+    spy = profile.start(gw.pid, out, b.opts.seconds)
+    time.sleep(0.5)
+    res = wrkrun.run(url, script, args, seconds=b.opts.seconds, connections=b.opts.connections)
+    _, err = spy.communicate(timeout=b.opts.seconds + 30)
+    if spy.returncode != 0 or not out.exists():
+        b.notes.append(f"py-spy failed for the lookup: {err.decode(errors='replace')[-300:]}")
+        return
+    header = f"facegate hash-first hit via lookup: {res.rps:,.0f} req/s while recorded ({out.relative_to(procs.ROOT)})"
+    b.profiles[header] = profile.summarize(out).text()
+
+
+def row7(b: Bench) -> None:
+    """Hash-first hits (issue 16): the lookup (GET by SHA-256 on a kept-alive connection) and the
+    one-request Expect path (digest header, body never sent), for a 200 KB and a 5 MB image."""
+    if not wrkrun.available():
+        b.line(7, "hash-first hits", "wrk is not installed (apt-get install wrk): row skipped", verdict="SKIP")
+        return
+    o = b.opts
+    headers_only = wrkrun.write_headers_only(b.workdir)
+    big = images.tagged(images.jpeg_of_size(5_000_000, seed=11, quality=95), b.run_tag + "h5m")
+    small = images.tagged(b.base, b.run_tag + "h200")
+    # 32 wrk connections of one tenant all uploading 5 MB: the share is set to the whole cap.
+    gw = b.gateway("gw-hashfirst", extra={"FACEGATE_MAX_UPLOADS_PER_TENANT": "64"})
+    auth = {"Authorization": f"Bearer {b.keys['bench']}"}
+    with httpx.Client(timeout=60) as http:
+        for image in (small, big):
+            for _ in range(2):
+                http.post(gw.url + ANALYZE, content=images.multipart(image), headers=b.headers()).raise_for_status()
+        answer = http.post(gw.url + ANALYZE, content=images.multipart(small), headers=b.headers()).content
+    answer_file = b.workdir / "answer-row7.json"
+    answer_file.write_bytes(answer)
+    base = procs.start_baseline(answer_file, b.workdir)
+    b._servers.append(base)
+    calls = b.sim.calls()
+
+    def run(server: procs.Server, script: Path, url: str, args: list[str]) -> tuple[wrkrun.WrkResult, float]:
+        wrkrun.run(url, script, args, seconds=o.warmup, connections=o.connections)
+        before = server.cpu_seconds()
+        res = wrkrun.run(url, script, args, seconds=o.seconds, connections=o.connections)
+        cpu_ms = 1000 * (server.cpu_seconds() - before) / res.requests if res.requests else 0.0
+        if res.errors:
+            b.notes.append(f"row 7 {server.name} {url.rsplit('/', 1)[-1][:16]}: {res.errors} errors of {res.requests}")
+        return res, cpu_ms
+
+    for label, image in (("200 KB", small), ("5 MB", big)):
+        body_file = b.workdir / f"row7-{label.replace(' ', '')}.bin"
+        body_file.write_bytes(images.multipart(image))
+        static_args = [str(body_file), wrkrun.headers_arg(b.headers())]
+        base_res, base_cpu = run(base, b.static_lua, base.url + ANALYZE, static_args)
+        classic, classic_cpu = run(gw, b.static_lua, gw.url + ANALYZE, static_args)
+        lookup_url = gw.url + "/v1/faces/analyses/" + hashlib.sha256(image).hexdigest()
+        lookup, lookup_cpu = run(gw, headers_only, lookup_url, ["GET", wrkrun.headers_arg(auth)])
+        if o.profile and label == "200 KB":
+            _profile_lookup(b, gw, headers_only, lookup_url, ["GET", wrkrun.headers_arg(auth)])
+        expect_headers = {
+            **auth,
+            "Content-Type": "image/jpeg",
+            "Content-Length": str(len(image)),
+            "Expect": "100-continue",
+            "Content-Digest": _digest_field(image),
+        }
+        expect, expect_cpu = run(gw, headers_only, gw.url + ANALYZE, ["POST", wrkrun.headers_arg(expect_headers)])
+        n_bytes = 3 if label == "5 MB" else 10
+        sent = {
+            how: _bytes_per_request(gw, b.headers(), image, how, n)
+            for how, n in (("classic", n_bytes), ("lookup", 20), ("expect", 20))
+        }
+        b.line(
+            7,
+            f"baseline app, POST of the {label} image (multipart, {len(image):,} B JPEG)",
+            f"{fmt_wrk(base_res)} · CPU {base_cpu:.2f} ms/req",
+        )
+        b.line(
+            7,
+            f"facegate classic hit, {label}: the whole image uploaded, answered from the cache",
+            f"{fmt_wrk(classic)} · {classic.rps / base_res.rps:.2f}x baseline · CPU {classic_cpu:.2f} ms/req · "
+            f"{sent['classic']:,.0f} B sent per request",
+        )
+        for name, res, cpu_ms, how in (
+            ("hash-first hit via lookup (GET /v1/faces/analyses/{sha256}, kept-alive connection)", lookup, lookup_cpu,
+             "lookup"),
+            ("hash-first hit via Expect (Content-Digest + Expect: 100-continue, body never sent, connection closed)",
+             expect, expect_cpu, "expect"),
+        ):  # fmt: skip
+            ratio = res.rps / base_res.rps if base_res.rps else 0.0
+            result = (
+                f"{fmt_wrk(res)} · {ratio:.2f}x baseline · {res.rps / classic.rps:.2f}x classic hit · "
+                f"CPU {cpu_ms:.2f} ms/req · {sent[how]:,.0f} B sent per request"
+            )
+            if label == "200 KB":
+                b.line(7, f"{name}, {label}", result, "≥ 3x baseline req/s", verdict(ratio >= 3))
+            else:
+                b.line(7, f"{name}, {label}", result, "≤ 10 KB sent per hit", verdict(sent[how] <= 10 * 1024))
+    misses = b.sim.calls() - calls
+    if misses:
+        b.notes.append(f"row 7: {misses} upstream calls during a hit-only row")
+    gw.stop()
+    base.stop()
+    b.details.append(
+        f"Row 7: one in-memory gateway (FACEGATE_MAX_UPLOADS_PER_TENANT=64 so 32 connections of one tenant may all "
+        f"upload 5 MB), both images analyzed before the runs; wrk -t2 -c{o.connections} -d{o.seconds:g}s after a "
+        f"{o.warmup:g}s warm-up per line. Baseline and classic hit: POST of the multipart body. Lookup: GET "
+        "/v1/faces/analyses/{sha256} with the key, connections kept alive. Expect: wrk sends only the headers "
+        "of a raw POST that declares the image's Content-Length, Content-Digest and Expect: 100-continue — what an "
+        "Expect client sends until told to continue; facegate answers from the headers with Connection: close, "
+        "so wrk reconnects for every request. 'B sent per request' is measured apart from wrk, with real clients "
+        "through a counting TCP proxy (tests/servers.py ByteCountingProxy): httpx for the classic hit and the "
+        "lookup, aiohttp with expect100=True for the Expect path; it is everything the client put on the wire "
+        "toward facegate (request line, headers, body), so it bounds what the server received. All on loopback: "
+        "no link latency, so this shows the server's cost per hit, not the client's time saved on a real network "
+        "(README, 'Hash first', for what was measured on a 20 ms link and behind nginx)."
+    )
+
+
+ROWS: dict[int, Callable[[Bench], None]] = {1: row1, 2: row2, 3: row3, 4: row4, 5: row5, 6: row6, 7: row7}
 
 
 def workdir() -> Path:
@@ -631,7 +795,7 @@ def selected(spec: str | None) -> set[int]:
     rows = {int(x) for x in spec.replace(" ", "").split(",") if x}
     unknown = rows - set(ROWS)
     if unknown:
-        raise SystemExit(f"unknown row(s): {sorted(unknown)}; rows are 1-6")
+        raise SystemExit(f"unknown row(s): {sorted(unknown)}; rows are 1-{max(ROWS)}")
     return rows
 
 

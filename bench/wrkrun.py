@@ -84,6 +84,20 @@ end
 )
 
 
+#: Headers only, no body (row 7): a GET lookup, or a POST that declares its body and sends only its
+#: headers, as an ``Expect: 100-continue`` client does until it is told to continue. ARGS: method, headers.
+HEADERS_ONLY = (
+    _COMMON
+    + r"""
+function init(args)
+  wrk.method = args[1]
+  wrk.body = nil
+  add_headers(args[2])
+end
+"""
+)
+
+
 @dataclass(frozen=True)
 class WrkResult:
     requests: int
@@ -170,3 +184,9 @@ def write_scripts(workdir: Path) -> tuple[Path, Path]:
     static.write_text(STATIC)
     distinct.write_text(DISTINCT)
     return static, distinct
+
+
+def write_headers_only(workdir: Path) -> Path:
+    path = workdir / "headers-only.lua"
+    path.write_text(HEADERS_ONLY)
+    return path
