@@ -167,8 +167,18 @@ async def cache_options(request: Request, tenant: Annotated[Tenant, Depends(auth
     return AnalyzeOptions(no_cache=force, no_store="no-store" in directives)
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-ContextDep = Annotated[RequestContext, Depends(get_context)]
+async def _runtime(request: Request) -> Runtime:
+    return get_runtime(request)
+
+
+async def _context(request: Request) -> RequestContext:
+    return get_context(request)
+
+
+# As dependencies, through async twins: FastAPI runs a plain ``def`` dependency in its thread pool,
+# a round trip through a worker thread on every request for what is one attribute read.
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+ContextDep = Annotated[RequestContext, Depends(_context)]
 TenantDep = Annotated[Tenant, Depends(authenticate)]
 OperatorDep = Annotated[Operator, Depends(authenticate_operator)]
 CallerDep = Annotated[Caller, Depends(authenticate_caller)]
