@@ -206,10 +206,22 @@ def cmd_sim(args: argparse.Namespace) -> None:
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
-    from app.usage_report import print_usage
+    from datetime import date
+
+    from app.usage_report import MAX_HISTORY_DAYS, print_history, print_usage, today_utc
 
     settings = load_settings()
-    asyncio.run(print_usage(settings, args.tenant, as_json=args.json))
+    if args.first is None and args.last is None and not args.csv:
+        asyncio.run(print_usage(settings, args.tenant, as_json=args.json))
+        return
+    try:
+        last = date.fromisoformat(args.last) if args.last else today_utc()
+        first = date.fromisoformat(args.first) if args.first else last
+    except ValueError:
+        fail("--from and --to are UTC days: YYYY-MM-DD")
+    if first > last or (last - first).days >= MAX_HISTORY_DAYS:
+        fail(f"--from must not be after --to, and at most {MAX_HISTORY_DAYS} days apart")
+    asyncio.run(print_history(settings, args.tenant, first, last, as_csv=args.csv, as_json=args.json))
 
 
 def cmd_purge(args: argparse.Namespace) -> None:
@@ -475,9 +487,14 @@ def parser() -> argparse.ArgumentParser:
     purge.add_argument("--sha256", help="the image's SHA-256 (alone: in every tenant's scope and the shared one)")
     purge.set_defaults(func=cmd_purge)
 
-    usage = sub.add_parser("usage", help="print tenants' limits and usage (reads Redis)")
+    usage = sub.add_parser(
+        "usage", help="print tenants' limits and usage, or with --from/--to their history per UTC day (reads Redis)"
+    )
     usage.add_argument("--tenant")
     usage.add_argument("--json", action="store_true")
+    usage.add_argument("--from", dest="first", metavar="YYYY-MM-DD", help="history: first UTC day (default: --to)")
+    usage.add_argument("--to", dest="last", metavar="YYYY-MM-DD", help="history: last UTC day (default: today)")
+    usage.add_argument("--csv", action="store_true", help="history as CSV: one row per tenant and day (finance)")
     usage.set_defaults(func=cmd_usage)
 
     analyze = sub.add_parser(

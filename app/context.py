@@ -61,5 +61,7 @@ class RequestContext:
     cache: CacheStatus | None = None
     upstream_s: float | None = None
     upstream_attempts: int = 0
+    #: This request's own upstream call: billed by ailabapi (True) or not (False); None = no call.
+    billed: bool | None = None
     image_bytes: int | None = None
     outcome: str | None = None

@@ -9,11 +9,11 @@ Three pieces:
 - :class:`Invalidator` — tells every replica to forget keys. **Pub/sub with
   acknowledgements**, not versioned keys: a versioned key would orphan data rather than
   delete it (a privacy deletion must remove the bytes), and checking a version on every
-  local-tier hit would cost the Redis round trip the tier exists to save. ``PUBLISH``
-  returns how many replicas are subscribed; each one drops its local copies, marks its
-  running flights, and acknowledges; the deleter waits for every acknowledgement. A
-  replica that cannot hear (subscription down) switches its local tier off and empties it
-  until it hears again, so nothing it holds can outlive a deletion it missed.
+  local-tier hit would cost the Redis round trip the tier exists to save. Replicas register
+  with a short lease; each drops its local copies, marks its running flights, and
+  acknowledges; the deleter waits for every registered replica's acknowledgement or for its
+  lease to lapse (a replica that cannot renew its lease stops serving local copies first, so
+  nothing it holds can outlive a deletion it missed).
 - :class:`Purger` — the deletion itself, in an order that leaves no copy behind: delete
   from Redis, tell the replicas (they drop local copies and stop their in-flight calls
   from storing), then delete from Redis once more (a flight may have stored in between).
@@ -229,20 +229,66 @@ class LocalInvalidator:
         return None
 
 
-class RedisInvalidator:
-    """Pub/sub on ``{prefix}:inv``; acknowledgements on a short-lived list per message."""
+_REGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+return now
+"""
+_LIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+"""
 
-    def __init__(self, client: RedisClient, prefix: str, *, ack_timeout_s: float = 5.0) -> None:
+
+class RedisInvalidator:
+    """Pub/sub on ``{prefix}:inv``, acknowledged by every *registered* replica.
+
+    Each listening replica registers itself in ``{prefix}:inv:replicas`` (a sorted set scored by
+    the end of a short lease, renewed every second while it is subscribed) and serves local
+    copies only until one second before its lease ends unless renewed. A deleter waits until
+    every replica registered when it published has acknowledged — or has let its lease lapse,
+    which means that replica stopped serving local copies. So once a deletion returns, no replica
+    serves the deleted entry, even one cut off from Redis; and a replica that lost its
+    subscription keeps serving hot images through a short Redis outage (up to the lease) but
+    starts empty when it hears again (it may have missed deletions).
+    """
+
+    def __init__(self, client: RedisClient, prefix: str, *, lease_s: float = 5.0) -> None:
         self._r = client
         self._channel = f"{prefix}:inv"
         self._ack_prefix = f"{prefix}:inv:ack:"
-        self._ack_timeout_s = ack_timeout_s
-        self._listener: asyncio.Task[None] | None = None
+        self._replicas = f"{prefix}:inv:replicas"
+        self._lease_s = lease_s
+        self.ident = uuid.uuid4().hex
+        self._register = client.register_script(_REGISTER)
+        self._live = client.register_script(_LIVE)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._heard_until = 0.0  # monotonic: local copies may be served until then
+        self._serving = False
         self.subscribed = asyncio.Event()
 
     def listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
-        on_health(False)  # deaf until subscribed
-        self._listener = asyncio.get_running_loop().create_task(self._listen(handler, on_health), name="invalidation")
+        self._set(on_health, False)  # deaf until subscribed and registered
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._listen(handler, on_health), name="invalidation"),
+            loop.create_task(self._heartbeat(on_health), name="invalidation-lease"),
+        ]
+
+    def _set(self, on_health: Callable[[bool], None], serving: bool) -> None:
+        if serving != self._serving or not serving:
+            self._serving = serving
+            on_health(serving)
+
+    async def _beat(self) -> None:
+        sent = time.monotonic()
+        async with asyncio.timeout(1.0):
+            await self._register(keys=[self._replicas], args=[self.ident, int(self._lease_s * 1000)])
+        self._heard_until = sent + self._lease_s - 1.0
 
     async def _listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
         backoff, last_log = 0.1, -LOG_EVERY_S
@@ -250,8 +296,10 @@ class RedisInvalidator:
             subscription = redisconn.Subscription(self._r, [self._channel])
             try:
                 await subscription.open(refresh=backoff > 0.1)
-                on_health(True)
+                self._set(on_health, False)  # deletions may have been missed while deaf: start empty
                 self.subscribed.set()
+                await self._beat()
+                self._set(on_health, True)
                 backoff = 0.1
                 while True:
                     message = await subscription.get(1.0)
@@ -259,20 +307,31 @@ class RedisInvalidator:
                         await self._apply(handler, message[1])
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # any Redis/network failure: deaf until resubscribed
+            except Exception as exc:  # any Redis/network failure: deaf; the lease runs out by itself
                 self.subscribed.clear()
-                on_health(False)
                 now = time.monotonic()
                 if now - last_log >= LOG_EVERY_S:
                     last_log = now
                     log.warning(
-                        "invalidation subscription lost (%s): local cache tier off until it is back",
+                        "invalidation subscription lost (%s): local cache tier off within %.0f s unless it is back",
                         type(exc).__name__,
+                        max(0.0, self._heard_until - now),
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
                 await subscription.aclose()
+
+    async def _heartbeat(self, on_health: Callable[[bool], None]) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self._lease_s / 5))
+            if self.subscribed.is_set():
+                with contextlib.suppress(TimeoutError, OSError, aioredis.RedisError):
+                    await self._beat()
+            if time.monotonic() >= self._heard_until:
+                self._set(on_health, False)
+            elif self.subscribed.is_set() and not self._serving:
+                self._set(on_health, True)
 
     async def _apply(self, handler: Handler, data: bytes) -> None:
         try:
@@ -285,40 +344,55 @@ class RedisInvalidator:
         await handler(inv)
         ack = self._ack_prefix + ident
         async with self._r.pipeline(transaction=False) as pipe:
-            pipe.rpush(ack, 1)
-            pipe.pexpire(ack, int(self._ack_timeout_s * 2000))
+            pipe.rpush(ack, self.ident)
+            pipe.pexpire(ack, int(self._lease_s * 4000))
             await pipe.execute()
 
     async def broadcast(self, inv: Invalidation) -> Delivery:
-        """Publish, then wait for every subscribed replica to confirm (at most ``ack_timeout_s``)."""
+        """Publish, then wait until every registered replica confirmed or let its lease lapse."""
         ident = uuid.uuid4().hex
         ack = self._ack_prefix + ident
         try:
-            async with asyncio.timeout(self._ack_timeout_s):
-                told = await redisconn.publish(self._r, self._channel, inv.encode(ident))
+            async with asyncio.timeout(self._lease_s):
+                live = {m.decode() for m in await self._live(keys=[self._replicas])}
+                await redisconn.publish(self._r, self._channel, inv.encode(ident))
         except (TimeoutError, OSError, aioredis.RedisError):
             raise CacheError("redis") from None
-        confirmed = 0
-        deadline = time.monotonic() + self._ack_timeout_s
+        confirmed: set[str] = set()
+        pending = set(live)
+        deadline = time.monotonic() + self._lease_s * 2 + 1
         with contextlib.suppress(TimeoutError, OSError, aioredis.RedisError):
-            while confirmed < told:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                async with asyncio.timeout(left + 1):
-                    popped = await self._r.blpop([ack], timeout=max(0.01, left))
-                if popped is None:
-                    break
-                confirmed += 1
-        if confirmed < told:
-            log.warning("invalidation: %d of %d replica(s) confirmed in time", confirmed, told)
-        return Delivery(told, confirmed)
+            while pending and time.monotonic() < deadline:
+                async with asyncio.timeout(2.0):
+                    popped = await self._r.blpop([ack], timeout=0.5)
+                if popped is not None:
+                    value = popped[1]
+                    who = value.decode() if isinstance(value, bytes) else str(value)
+                    confirmed.add(who)
+                    pending.discard(who)
+                    continue
+                # No answer for a while: a replica whose lease lapsed serves no local copies any more.
+                async with asyncio.timeout(2.0):
+                    pending &= {m.decode() for m in await self._live(keys=[self._replicas])}
+        if pending or len(confirmed & live) < len(live):
+            log.warning(
+                "invalidation: %d of %d replica(s) confirmed; %d let their lease lapse, %d did not answer in time",
+                len(confirmed & live),
+                len(live),
+                len(live - confirmed - pending),
+                len(pending),
+            )
+        return Delivery(len(live), len(confirmed & live))
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+                await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self._r.zrem(self._replicas, self.ident)  # leave at once, not after the lease
 
 
 # --- the deletion -----------------------------------------------------------------------------

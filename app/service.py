@@ -9,6 +9,7 @@ upstream call). No HTTP types here; routes render what this returns, and read th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -108,7 +109,7 @@ class AnalyzeService:
                 return entry
             running = self.flights.get(key)
             if running is not None:
-                await self._admit(ctx, tenant, reserve=False, record="misses")
+                await self._admit(ctx, tenant, reserve=False, record="collapsed")
                 return await self._follow(ctx, running)
         fwd: Literal["uri-miss", "request"] = "request" if opts.no_cache else "uri-miss"
         try:
@@ -117,7 +118,7 @@ class AnalyzeService:
             await self.count_request(ctx, tenant)
             raise
         try:
-            admission = await self._admit(ctx, tenant, reserve=True, record="misses")
+            admission = await self._admit(ctx, tenant, reserve=True, record="forced" if opts.no_cache else "misses")
         except Problem as refused:
             # Over quota, but someone else may be paying for this very image (another replica).
             free = (
@@ -132,10 +133,10 @@ class AnalyzeService:
         ctx.cache = CacheStatus(hit=False, fwd=fwd)
         running = None if opts.no_cache else self.flights.get(key)
         if running is not None:  # started while we were reserving
-            await self._settle(admission.reservation, spent=False)
+            await self._settle(admission.reservation, spent=False, collapsed=True)
             return await self._follow(ctx, running)
         upload.handed_off = True
-        work = lambda: self._lead(key, tenant, upload, admission.reservation, opts)  # noqa: E731
+        work = lambda: self._lead(key, tenant, upload, admission.reservation, opts, ctx=ctx)  # noqa: E731
         task = self.flights.start(None if opts.no_cache else key, work)
         try:
             result = await join(task, self.config.follow_timeout_s)
@@ -255,11 +256,13 @@ class AnalyzeService:
             )
         return admission
 
-    async def _settle(self, reservation: Reservation | None, *, spent: bool) -> None:
+    async def _settle(
+        self, reservation: Reservation | None, *, spent: bool, attempts: int = 0, collapsed: bool = False
+    ) -> None:
         if reservation is None:
             return
         try:
-            await self.limiter.settle(reservation, spent=spent)
+            await self.limiter.settle(reservation, spent=spent, attempts=attempts, collapsed=collapsed)
         except QuotaUnavailable:
             log.error("could not %s a reservation of %s", "commit" if spent else "refund", reservation.tenant)
 
@@ -281,11 +284,21 @@ class AnalyzeService:
         ttl = tenant.policy.cache_ttl_s or self.config.cache_ttl_s
         if entry.verdict is not None:
             ttl = min(ttl, self.config.negative_ttl_s)
-        try:
-            # Indexed first: an entry that a tenant purge could not find must never exist.
-            await self.index.add(tenant.name, key, ttl)
-            await self.cache.set(key, data, ttl)
-        except CacheError:
+        # Indexed and stored at once (one round trip on the paid path, as before the index existed);
+        # an entry that a tenant purge could not find must not stay: without its index line it goes.
+        indexed, stored = await asyncio.gather(
+            self.index.add(tenant.name, key, ttl), self.cache.set(key, data, ttl), return_exceptions=True
+        )
+        if isinstance(indexed, BaseException):
+            if not isinstance(stored, BaseException):
+                with contextlib.suppress(CacheError):
+                    await self.cache.delete(key)
+            if not isinstance(indexed, CacheError):
+                raise indexed
+            return False
+        if isinstance(stored, BaseException):
+            if not isinstance(stored, CacheError):
+                raise stored
             return False
         return True
 
@@ -318,7 +331,14 @@ class AnalyzeService:
         return result.entry
 
     async def _lead(
-        self, key: str, tenant: Tenant, upload: Upload, reservation: Reservation | None, opts: AnalyzeOptions
+        self,
+        key: str,
+        tenant: Tenant,
+        upload: Upload,
+        reservation: Reservation | None,
+        opts: AnalyzeOptions,
+        *,
+        ctx: RequestContext | None = None,
     ) -> _FlightResult:
         """The flight: win leadership across replicas, call, store, settle, announce.
 
@@ -330,22 +350,25 @@ class AnalyzeService:
         seen = self._deletions
         self._flights_since[seen] += 1
 
-        async def settle(spent: bool) -> None:
+        report = CallReport()
+
+        async def settle(spent: bool, *, collapsed: bool = False) -> None:
             nonlocal settled
             if not settled:
                 settled = True
                 if spent and self._on_spent is not None:
                     self._on_spent(tenant.name)
-                await self._settle(reservation, spent=spent)
+                if ctx is not None and reservation is not None:  # the access log's billing fields
+                    ctx.billed = spent
+                await self._settle(reservation, spent=spent, attempts=report.attempts, collapsed=collapsed)
 
         try:
             if not opts.no_cache:
                 won = await self._win(key, tenant.policy.max_age_s)
                 if isinstance(won, _FlightResult):
-                    await settle(False)
+                    await settle(False, collapsed=True)
                     return won
                 lease = won
-            report = CallReport()
             payload = ImagePayload(upload.filename, upload.body.content(), upload.mime)
             try:
                 async with renewing(lambda: self._renew(lease), self.config.lock_ttl_s / 3):

@@ -1,16 +1,22 @@
-"""A tenant's usage as JSON (``GET /v1/usage``) and ``facegate usage``, the operator's view, read from Redis.
+"""A tenant's usage as JSON (``GET /v1/usage``) and ``facegate usage``, the operator's view, read from Redis;
+and the usage history per tenant and UTC day for chargeback (``GET /v1/usage/history``,
+``facegate usage --from … --to … [--csv]``).
 
-Both print :func:`usage_dict`, so what an operator sees is what the tenant sees.
+Both print :func:`usage_dict` / :func:`history_report`, so what an operator sees is what the tenant sees.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Final
 
 from app import redisconn
-from app.limits import Admission, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
+from app.limits import Admission, Limiter, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
+from app.limits.base import DayCounts
 from app.settings import Settings
 from app.tenants import TenantRegistry, TenantsFileError
 
@@ -103,3 +109,132 @@ async def print_usage(settings: Settings, tenant: str | None, *, as_json: bool) 
             f"{u.tenant:<20} {_fmt(day.limit, day.used):>14} {_fmt(month.limit, month.used):>14} "
             f"{f'{u.credits_day}/{u.credits_month}':>14} {f'{u.hits_day}/{u.misses_day}':>18}"
         )
+
+
+# --- usage history (chargeback) ---------------------------------------------------------------
+
+#: Longest range one history read covers (the history itself is kept longer than this).
+MAX_HISTORY_DAYS: Final = 400
+#: The columns of a history day, in CSV order (``refused`` is one column per problem code after these).
+DAY_COLUMNS: Final = ("billable_calls", "credits", "upstream_calls", "hits", "misses", "collapsed", "forced")
+
+
+def today_utc() -> date:
+    return datetime.now(UTC).date()
+
+
+def days_between(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def day_row(day: date, counts: DayCounts) -> dict[str, Any]:
+    """One tenant's UTC day. ``billable_calls`` are calls ailabapi billed (one credit each, as it
+    charges today: ``credits``); ``upstream_calls`` every attempt made (retries included);
+    ``misses`` include ``collapsed`` (answered by an identical call in flight, never billed to this
+    request) and ``forced`` (X-Facegate-Force); ``refused`` counts answers with a problem, by code."""
+    credits = counts.get("credits", 0)
+    return {
+        "date": day.isoformat(),
+        "billable_calls": credits,
+        "credits": credits,
+        "upstream_calls": counts.get("upstream_calls", 0),
+        "hits": counts.get("hits", 0),
+        "misses": counts.get("misses", 0),
+        "collapsed": counts.get("collapsed", 0),
+        "forced": counts.get("forced", 0),
+        "refused": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("refused:")},
+    }
+
+
+def _total(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {column: sum(r[column] for r in rows) for column in DAY_COLUMNS}
+    refused: dict[str, int] = {}
+    for r in rows:
+        for code, n in r["refused"].items():
+            refused[code] = refused.get(code, 0) + n
+    total["refused"] = dict(sorted(refused.items()))
+    return total
+
+
+async def history_report(limiter: Limiter, tenants: Sequence[str], first: date, last: date) -> dict[str, Any]:
+    """Each tenant's days with any activity from ``first`` to ``last`` (UTC, inclusive), and totals."""
+    days = days_between(first, last)
+    keys = [d.strftime("%Y%m%d") for d in days]
+    out = []
+    for name in tenants:
+        found = await limiter.history(name, keys)
+        rows = [day_row(d, found[k]) for d, k in zip(days, keys, strict=True) if k in found]
+        out.append({"tenant": name, "days": rows, "totals": _total(rows)})
+    return {"from": first.isoformat(), "to": last.isoformat(), "tenants": out}
+
+
+def history_csv(report: dict[str, Any]) -> str:
+    """One row per tenant and day with activity: what finance imports."""
+    codes = sorted({code for t in report["tenants"] for d in t["days"] for code in d["refused"]})
+    rows = [["tenant", "date", *DAY_COLUMNS, *(f"refused_{c}" for c in codes)]]
+    for t in report["tenants"]:
+        for d in t["days"]:
+            rows.append(
+                [
+                    t["tenant"],
+                    d["date"],
+                    *(str(d[c]) for c in DAY_COLUMNS),
+                    *(str(d["refused"].get(c, 0)) for c in codes),
+                ]
+            )
+    out = _Lines()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return "".join(out.lines)
+
+
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        return len(text)
+
+
+async def print_history(
+    settings: Settings, tenant: str | None, first: date, last: date, *, as_csv: bool, as_json: bool
+) -> None:
+    """``facegate usage --from … --to …``: the history, read from Redis (tenants of the file, or one by name)."""
+    if not settings.redis_url:
+        print(
+            "facegate: without FACEGATE_REDIS_URL the history lives in the serving process "
+            "(GET /v1/usage/history with an operator key)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if tenant is None:
+        try:
+            names = sorted(TenantRegistry.load(settings.tenants_file).tenants)
+        except TenantsFileError as exc:
+            print(f"facegate: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    else:
+        names = [tenant]  # also a tenant no longer in the file: its history is kept
+    client = redisconn.connect(settings)
+    limiter = RedisLimiter(client, redisconn.RedisHealth(timeout_s=5.0), settings.redis_prefix)
+    try:
+        report = await history_report(limiter, names, first, last)
+    except QuotaUnavailable:
+        print("facegate: Redis is unreachable", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        await client.aclose()
+    if as_csv:
+        sys.stdout.write(history_csv(report))
+    elif as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{'tenant':<20} {'billable':>9} {'upstream':>9} {'hits':>8} {'misses':>8} {'collapsed':>9} {'forced':>7}"
+        )
+        for t in report["tenants"]:
+            tot = t["totals"]
+            print(
+                f"{t['tenant']:<20} {tot['billable_calls']:>9} {tot['upstream_calls']:>9} {tot['hits']:>8} "
+                f"{tot['misses']:>8} {tot['collapsed']:>9} {tot['forced']:>7}"
+            )

@@ -22,6 +22,7 @@ uvicorn drops what the app did not read, keeping the connection usable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -33,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.headers import context_headers
 from app.api.responses import is_compat, send_problem
 from app.context import RequestContext
-from app.errors import Problem
+from app.errors import CATALOGUE, Problem
 from app.observability import Metrics
 
 log = logging.getLogger("facegate")
@@ -100,6 +101,8 @@ class EdgeMiddleware:
                 response_started = True
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), *context_headers(ctx)]
+                if status >= 400 and ctx.tenant is not None and ctx.outcome in CATALOGUE:
+                    await _record_refusal(scope, ctx.tenant, ctx.outcome)
                 if waiting:  # answered before the body was asked for: this connection ends here
                     drain = True
                     message["headers"].append((b"connection", b"close"))
@@ -200,10 +203,23 @@ class EdgeMiddleware:
                 "cache": cache,
                 "upstream_ms": round(ctx.upstream_s * 1000, 1) if ctx.upstream_s is not None else None,
                 "upstream_attempts": ctx.upstream_attempts or None,
+                # Chargeback from the access log alone: one line per billed call, with its tenant.
+                "billed": ctx.billed,
+                "credits": (1 if ctx.billed else 0) if ctx.billed is not None else None,
                 "bytes": ctx.image_bytes,
                 "duration_ms": round(seconds * 1000, 1),
             },
         )
+
+
+async def _record_refusal(scope: Scope, tenant: str, code: str) -> None:
+    """Count a refusal in the tenant's usage history (before the answer leaves, so that the
+    history a client reads next includes it). Never fails the request."""
+    runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
+    if runtime is None:
+        return
+    with contextlib.suppress(Exception):  # best effort for refusals: the answer must go out
+        await runtime.service.limiter.record(tenant, f"refused:{code}")
 
 
 def _where(exc: BaseException) -> str:

@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from importlib import resources
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field
 
 from app.api.deps import CallerDep, ContextDep, OptionsDep, RuntimeDep, TenantDep, operator_required
 from app.api.openapi import UPLOAD_BODY, problems
 from app.api.responses import json_response
 from app.api.uploads import analyze_request
+from app.audit import audit
 from app.cache import CacheError
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry
 from app.errors import Problem
-from app.limits import Usage
+from app.limits import QuotaUnavailable, Usage
 from app.policy import null_fields
 from app.schema.normalize import build_analysis
 from app.schema.v1 import AnalysisV1
 from app.upstream.contract import Kind
-from app.usage_report import usage_dict
+from app.usage_report import MAX_HISTORY_DAYS, history_report, today_utc, usage_dict
 
 router = APIRouter(prefix="/v1", tags=["v1"])
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def render(ctx: RequestContext, entry: Entry, *, landmarks: bool, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -153,6 +157,92 @@ async def usage(rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep) -> Response:
     """Policies, used and remaining per window, reset times, cache hits/misses and credits spent."""
     report = await rt.service.usage(ctx, tenant)
     return json_response(usage_body(report))
+
+
+class HistoryDay(BaseModel):
+    date: str = Field(description="The UTC day, YYYY-MM-DD (a call counts on the day it was admitted).")
+    billable_calls: int = Field(
+        description="Calls ailabapi billed for this tenant (what /v1/usage calls credits_spent)."
+    )
+    credits: int = Field(description="Credits those cost (one per billed call).")
+    upstream_calls: int = Field(description="Attempts made at ailabapi for this tenant, retries included.")
+    hits: int = Field(description="Answers from the cache.")
+    misses: int = Field(description="Admitted requests not answered from the cache (collapsed and forced included).")
+    collapsed: int = Field(description="Misses answered by an identical call already in flight (not billed).")
+    forced: int = Field(description="Misses forced with X-Facegate-Force.")
+    refused: dict[str, int] = Field(description="Answers with a problem, by problem code.")
+
+
+class HistoryTotals(BaseModel):
+    billable_calls: int
+    credits: int
+    upstream_calls: int
+    hits: int
+    misses: int
+    collapsed: int
+    forced: int
+    refused: dict[str, int]
+
+
+class TenantHistory(BaseModel):
+    tenant: str
+    days: list[HistoryDay] = Field(description="Days with any activity, oldest first.")
+    totals: HistoryTotals
+
+
+class UsageHistory(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+    tenants: list[TenantHistory]
+
+
+@router.get(
+    "/usage/history",
+    summary="Usage per UTC day, for chargeback",
+    response_model=UsageHistory,
+    responses=problems(400, 401, 403, 429, 503),
+)
+async def usage_history(
+    *,
+    rt: RuntimeDep,
+    ctx: ContextDep,
+    caller: CallerDep,
+    first: Annotated[date | None, Query(alias="from", description="First UTC day, YYYY-MM-DD (default: to).")] = None,
+    last: Annotated[date | None, Query(alias="to", description="Last UTC day, YYYY-MM-DD (default: today).")] = None,
+    tenant: Annotated[
+        str | None, Query(description="Operators: one tenant (also one no longer in the tenants file); default all.")
+    ] = None,
+) -> Response:
+    """A tenant reads its own history; an operator every tenant's (audited). At most 400 days per
+    read; kept at least 400 days (with Redis; for the life of the process without)."""
+    last = last or today_utc()
+    first = first or last
+    if first > last or (last - first).days >= MAX_HISTORY_DAYS:
+        raise Problem("invalid_request", f"from must not be after to, and at most {MAX_HISTORY_DAYS} days apart")
+    if caller.operator is None:
+        assert caller.tenant is not None
+        await rt.service.count_request(ctx, caller.tenant)
+        if tenant not in (None, caller.tenant.name):
+            raise operator_required("reading another tenant's history")
+        names = [caller.tenant.name]
+    else:
+        if tenant is not None and not _TENANT.match(tenant):
+            raise Problem("invalid_request", "tenant is not a valid tenant name")
+        names = [tenant] if tenant is not None else sorted(rt.tenants.registry.tenants)
+    try:
+        report = await history_report(rt.service.limiter, names, first, last)
+    except QuotaUnavailable:
+        raise Problem("quota_unavailable", "usage counters are unavailable right now", retry_after=5) from None
+    if caller.operator is not None:
+        audit(
+            "admin.usage_history.read",
+            actor=caller.actor,
+            request_id=ctx.request_id,
+            tenants=names,
+            first=first.isoformat(),
+            last=last.isoformat(),
+        )
+    return json_response(report)
 
 
 def usage_body(u: Usage) -> dict[str, Any]:

@@ -12,16 +12,24 @@ with its reservation or refused with the reason, atomically, in one Redis round 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from app.limits.gcra import US, Window, WindowName, interval_us
 from app.tenants import Limits, Tenant
 
 Clock = Callable[[], float]
-Record = Literal["hits", "misses"] | None
+#: How an admitted request is counted: a cache hit, or a miss — ``forced`` (X-Facegate-Force) and
+#: ``collapsed`` (answered by an identical call in flight) are misses counted apart as well.
+Record = Literal["hits", "misses", "forced", "collapsed"] | None
+#: Usage history of one tenant and UTC day: field -> count (see ``HISTORY_FIELDS``; refusals as
+#: ``refused:<problem code>``).
+DayCounts = dict[str, int]
+HISTORY_FIELDS: Final = ("credits", "upstream_calls", "hits", "misses", "collapsed", "forced")
+#: Days of history kept (the Lua scripts say the same): more than the 400 finance asks for.
+HISTORY_KEEP_DAYS: Final = 410
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +122,18 @@ class Limiter(Protocol):
         """Rate-limit this request, reserve one billable call if ``reserve``, and count it as a
         cache hit or miss (``record``, only when admitted) — atomically, in one round trip."""
 
-    async def settle(self, reservation: Reservation, *, spent: bool) -> None:
-        """Commit (``spent``: the upstream billed it) or refund a reservation."""
+    async def settle(
+        self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False
+    ) -> None:
+        """Commit (``spent``: the upstream billed it) or refund a reservation; the history of the day
+        it was admitted on counts the credit, the ``attempts`` made upstream, and whether another
+        replica's call answered it instead (``collapsed``)."""
+
+    async def record(self, tenant: str, field: str) -> None:
+        """Count one event (``refused:<code>``) in today's history of ``tenant``."""
+
+    async def history(self, tenant: str, days: Sequence[str]) -> dict[str, DayCounts]:
+        """``tenant``'s history for each UTC day ``YYYYMMDD`` in ``days`` (days without any are absent)."""
 
     async def usage(self, tenant: Tenant) -> Usage: ...
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from app.limits.base import Admission, Clock, RateState, Record, Reservation, Usage, quota_states
+from app.limits.base import Admission, Clock, DayCounts, RateState, Record, Reservation, Usage, quota_states
 from app.limits.gcra import US, available, gcra, interval_us, windows_us
 from app.tenants import Tenant
 
@@ -48,6 +49,12 @@ class MemoryLimiter:
     def __init__(self, clock: Clock = time.time) -> None:
         self._clock = clock
         self._tenants: dict[str, _TenantCounters] = {}
+        #: (tenant, YYYYMMDD) -> counters: the usage history, for the life of the process.
+        self._history: dict[tuple[str, str], DayCounts] = {}
+
+    def _add(self, tenant: str, day: str, field: str, n: int = 1) -> None:
+        counts = self._history.setdefault((tenant, day), {})
+        counts[field] = counts.get(field, 0) + n
 
     def _now(self) -> int:
         return round(self._clock() * US)
@@ -90,12 +97,25 @@ class MemoryLimiter:
             month.used += 1
             reservation = Reservation(tenant.name, (wins[0].period, wins[1].period))
         if record is not None:
+            window_field = "hits" if record == "hits" else "misses"
             for w in (day, month):
-                setattr(w, record, getattr(w, record) + 1)
+                setattr(w, window_field, getattr(w, window_field) + 1)
+            self._add(tenant.name, wins[0].period, window_field)
+            if record != window_field:
+                self._add(tenant.name, wins[0].period, record)
         quotas = quota_states(limits, (day.used, month.used), wins, now)
         return Admission(True, rate, quotas, reservation=reservation)
 
-    async def settle(self, reservation: Reservation, *, spent: bool) -> None:
+    async def settle(
+        self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False
+    ) -> None:
+        day = reservation.periods[0]
+        if spent:
+            self._add(reservation.tenant, day, "credits")
+        if attempts > 0:
+            self._add(reservation.tenant, day, "upstream_calls", attempts)
+        if collapsed:
+            self._add(reservation.tenant, day, "collapsed")
         c = self._counters(reservation.tenant)
         for counters, period in zip(c.windows, reservation.periods, strict=True):
             if counters.period != period:
@@ -125,6 +145,12 @@ class MemoryLimiter:
             misses_month=month.misses,
             now_s=now / US,
         )
+
+    async def record(self, tenant: str, field: str) -> None:
+        self._add(tenant, windows_us(self._now())[0].period, field)
+
+    async def history(self, tenant: str, days: Sequence[str]) -> dict[str, DayCounts]:
+        return {day: dict(self._history[(tenant, day)]) for day in days if (tenant, day) in self._history}
 
     async def close(self) -> None:
         return None

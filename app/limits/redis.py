@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from app.limits.base import Admission, Clock, QuotaState, QuotaUnavailable, RateState, Record, Reservation, Usage
+from app.limits.base import (
+    Admission,
+    Clock,
+    DayCounts,
+    QuotaState,
+    QuotaUnavailable,
+    RateState,
+    Record,
+    Reservation,
+    Usage,
+)
 from app.limits.gcra import US, available, interval_arg, interval_us
 from app.redisconn import RedisClient, RedisDown, RedisHealth
 from app.tenants import Tenant
@@ -44,10 +55,15 @@ class RedisLimiter:
         self._admit = client.register_script(_lua("admit"))
         self._settle = client.register_script(_lua("settle"))
         self._usage = client.register_script(_lua("usage"))
+        self._record = client.register_script(_lua("record"))
 
     def keys(self, tenant: str) -> list[str]:
         base = f"{self._prefix}:q:{{{tenant}}}"
         return [f"{base}:rate", f"{base}:daily", f"{base}:monthly"]
+
+    def history_base(self, tenant: str) -> str:
+        """``<this>:<YYYYMMDD>`` is a day of ``tenant``'s history (same {tenant} slot as its counters)."""
+        return f"{self._prefix}:u:{{{tenant}}}"
 
     def _now(self) -> str:
         return "" if self._clock is None else str(round(self._clock() * US))
@@ -70,7 +86,7 @@ class RedisLimiter:
             self._now(),
             record or "",
         ]
-        r = await self._run(self._admit, self.keys(tenant.name), args)
+        r = await self._run(self._admit, [*self.keys(tenant.name), self.history_base(tenant.name)], args)
         allowed, reason, retry_us, remaining, tat_in = int(r[0]), r[1].decode(), int(r[2]), int(r[3]), int(r[4])
         quotas = (
             QuotaState("daily", limits.daily_quota, int(r[5]), int(r[6]) / US, int(r[7])),
@@ -84,9 +100,35 @@ class RedisLimiter:
         reservation = Reservation(tenant.name, (r[11].decode(), r[12].decode())) if reserve else None
         return Admission(True, RateState.of(limits, remaining, tat_in), quotas, reservation=reservation)
 
-    async def settle(self, reservation: Reservation, *, spent: bool) -> None:
-        keys = self.keys(reservation.tenant)[1:]
-        await self._run(self._settle, keys, [*reservation.periods, "spent" if spent else "refund"])
+    async def settle(
+        self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False
+    ) -> None:
+        keys = [*self.keys(reservation.tenant)[1:], self.history_base(reservation.tenant)]
+        args = [*reservation.periods, "spent" if spent else "refund", attempts, "1" if collapsed else "0"]
+        await self._run(self._settle, keys, args)
+
+    async def record(self, tenant: str, field: str) -> None:
+        await self._run(self._record, [self.history_base(tenant)], [self._now(), field])
+
+    async def history(self, tenant: str, days: Sequence[str]) -> dict[str, DayCounts]:
+        base = self.history_base(tenant)
+
+        async def op() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for day in days:
+                    pipe.hgetall(f"{base}:{day}")
+                result: list[Any] = await pipe.execute()
+                return result
+
+        try:
+            found = await self._health.run("quota", op)
+        except RedisDown:
+            raise QuotaUnavailable() from None
+        return {
+            day: {k.decode(): int(v) for k, v in counts.items()}
+            for day, counts in zip(days, found, strict=True)
+            if counts
+        }
 
     async def usage(self, tenant: Tenant) -> Usage:
         r = [int(v) for v in await self._run(self._usage, self.keys(tenant.name), [self._now()])]

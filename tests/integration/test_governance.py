@@ -68,11 +68,11 @@ def cluster(sim_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory)
     gws = in_parallel(*(lambda i=i: start_gateway(sim, tmp / f"gw{i}", keys=keys, env=env) for i in range(3)))
     c = Cluster(gws, server)
     try:
-        # Each replica serves its local tier only while it can hear deletions: wait until all three can.
-        def subscribed() -> int:
-            return sum(1 for client in c.redis.client_list() if int(client.get("sub", 0)) > 0)
+        # Each replica serves its local tier only while it holds an invalidation lease: wait for all three.
+        def registered() -> int:
+            return int(c.redis.zcount(f"{c.prefix}:inv:replicas", "-inf", "+inf"))
 
-        wait_until(lambda: subscribed() == 3, 15, "three invalidation subscriptions", every=0.05)
+        wait_until(lambda: registered() == 3, 15, "three replicas registered for invalidations", every=0.05)
         yield c
     finally:
         for gw in gws:
@@ -253,8 +253,9 @@ def test_a_store_false_tenant_leaves_nothing_in_redis_or_local_tiers(cluster: Cl
     hashes = {sha(image).encode() for image in images}
     keys = [k.decode() for k in cluster.redis.scan_iter(match=cluster.prefix + ":*", count=1000)]
     about_hr = [k for k in keys if "hr" in k.split(":", 1)[1]]
-    assert about_hr, "its quota counters exist (they are about calls, not images)"
-    assert all(k.startswith(f"{cluster.prefix}:q:{{hr}}") for k in about_hr), about_hr
+    assert about_hr, "its quota counters and usage history exist (they are about calls, not images)"
+    counters = (f"{cluster.prefix}:q:{{hr}}", f"{cluster.prefix}:u:{{hr}}")
+    assert all(k.startswith(counters) for k in about_hr), about_hr
     assert b"hr" not in cluster.redis.smembers(f"{cluster.prefix}:ci:tenants")
     for key in keys:  # no entry holds its images, whatever the key
         if key.startswith(cluster.prefix + ":c:"):

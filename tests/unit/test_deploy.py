@@ -1007,12 +1007,22 @@ def test_compose_secret_and_tenants_wiring() -> None:
     assert "tenants.toml" in ignored
 
 
-def test_compose_redis_is_a_cache_without_persistence() -> None:
+def test_compose_and_dev_redis_keep_the_usage_history_across_restarts() -> None:
+    """Chargeback data lives in Redis: append-only file on a volume (compose) / a PVC (dev overlay)."""
     redis = compose()["services"]["redis"]
     assert redis["image"].startswith("redis:7")
     command = [str(c) for c in redis["command"]]
     assert command[command.index("--save") + 1] == ""
-    assert command[command.index("--appendonly") + 1] == "no"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert "redis-data:/data" in redis["volumes"]
+    assert "redis-data" in compose()["volumes"]
+    dev = pod_spec(one("overlays/dev", "Deployment", "redis"))
+    args = dev["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data = next(v for v in dev["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == "redis-data"
+    one("overlays/dev", "PersistentVolumeClaim", "redis-data")
     assert "--maxmemory" in command
     # Quota counters share this Redis: never allkeys-*, which would evict them as freely as cache entries.
     assert command[command.index("--maxmemory-policy") + 1].startswith("volatile-")

@@ -54,3 +54,26 @@ local function window_used(key, period, ttl_s)
   redis.call('EXPIRE', key, ttl_s)
   return tonumber(redis.call('HGET', key, 'used'))
 end
+
+-- Usage history (chargeback): one hash per tenant and UTC day, '<base>:<YYYYMMDD>', and the
+-- sorted set '<base>:days' of the days kept. The base is a declared key of the script and carries
+-- the tenant's {hash tag}, so every key named after it is in the same Cluster slot. No TTL on
+-- purpose: under volatile-lru only keys with a TTL are evicted, and finance data must not be.
+-- Days older than HISTORY_KEEP_DAYS are deleted when a tenant's next new day starts.
+local HISTORY_KEEP_DAYS = 410
+local function history_add(base, day, field, n)
+  local key = base .. ':' .. day
+  local created = redis.call('EXISTS', key) == 0
+  redis.call('HINCRBY', key, field, n)
+  if created then
+    local index = base .. ':days'
+    local number = days_from_civil(tonumber(string.sub(day, 1, 4)), tonumber(string.sub(day, 5, 6)),
+                                   tonumber(string.sub(day, 7, 8)))
+    redis.call('ZADD', index, number, day)
+    local cutoff = number - HISTORY_KEEP_DAYS
+    for _, old in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', cutoff)) do
+      redis.call('DEL', base .. ':' .. old)
+    end
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', cutoff)
+  end
+end

@@ -1,8 +1,9 @@
 -- Rate limit (GCRA) + optional quota reservation + hit/miss count, atomically, in one round trip.
 -- Mirrored operation for operation by MemoryLimiter (app/limits/memory.py, app/limits/gcra.py): keep them equal.
--- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash  (one {tenant} slot)
+-- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash, 4 history base  (one {tenant} slot)
 -- ARGV: 1 interval_us, 2 burst, 3 reserve (0/1), 4 daily limit (-1 = none), 5 monthly limit (-1 = none),
---       6 now override (tests; '' = Redis TIME), 7 record ('hits', 'misses' or ''; counted only if admitted)
+--       6 now override (tests; '' = Redis TIME), 7 record ('hits', 'misses', 'forced', 'collapsed' or '';
+--       counted only if admitted; forced and collapsed are misses too)
 -- Returns {allowed, reason, retry_us, remaining, tat_minus_now_us,
 --          day_used, day_reset_in_us, day_len_s, month_used, month_reset_in_us, month_len_s, day, month}
 local now = now_us(ARGV[6])
@@ -39,7 +40,10 @@ if reserve then
   mused = redis.call('HINCRBY', KEYS[3], 'used', 1)
 end
 if ARGV[7] ~= '' then
-  redis.call('HINCRBY', KEYS[2], ARGV[7], 1)
-  redis.call('HINCRBY', KEYS[3], ARGV[7], 1)
+  local window_field = ARGV[7] == 'hits' and 'hits' or 'misses'
+  redis.call('HINCRBY', KEYS[2], window_field, 1)
+  redis.call('HINCRBY', KEYS[3], window_field, 1)
+  history_add(KEYS[4], day, window_field, 1)
+  if window_field ~= ARGV[7] then history_add(KEYS[4], day, ARGV[7], 1) end
 end
 return reply(1, '', 0, remaining, new_tat - now)

@@ -385,7 +385,10 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_use_redis_time(redis_cli
     keys = sorted(
         [k.decode() if isinstance(k, bytes) else k async for k in redis_client.scan_iter(match=f"{prefix}:*")]
     )
-    assert keys == sorted(lim.keys("team-7"))
+    seconds, micros = await redis_client.time()
+    today = windows_us(seconds * US + micros)[0].period
+    history = [f"{lim.history_base('team-7')}:{today}", f"{lim.history_base('team-7')}:days"]
+    assert keys == sorted([*lim.keys("team-7"), *history])
     assert all("{team-7}" in k for k in keys)
     assert len({key_slot(k.encode()) for k in keys}) == 1, "one Redis Cluster slot per tenant"
     seconds, micros = await redis_client.time()
