@@ -45,9 +45,18 @@ class TenantLimitsModel(BaseModel):
     monthly_quota: int | None = Field(description="Billable calls per UTC month; null = unlimited.")
 
 
+class TenantPolicyModel(BaseModel):
+    store: bool = Field(description="false: its answers are never cached.")
+    omit: list[str] = Field(description="v1 face fields removed from its answers and from what is stored.")
+    cache_ttl_s: int | None = Field(description="Lifetime of its cached answers; null = FACEGATE_CACHE_TTL_S.")
+    max_age_s: int | None = Field(description="Oldest analysis it is answered from; null = any.")
+    allow_force: bool = Field(description="May send X-Facegate-Force (a paid re-analysis).")
+
+
 class TenantInfo(BaseModel):
     name: str
     limits: TenantLimitsModel
+    policy: TenantPolicyModel
 
 
 class TenantsList(BaseModel):
@@ -64,6 +73,13 @@ def tenant_info(tenant: Tenant) -> dict[str, Any]:
             "burst": limits.burst,
             "daily_quota": limits.daily_quota,
             "monthly_quota": limits.monthly_quota,
+        },
+        "policy": {
+            "store": tenant.policy.store,
+            "omit": sorted(tenant.policy.omit),
+            "cache_ttl_s": tenant.policy.cache_ttl_s,
+            "max_age_s": tenant.policy.max_age_s,
+            "allow_force": tenant.policy.allow_force,
         },
     }
 
