@@ -739,7 +739,8 @@ def row7(b: Bench) -> None:
         b.line(
             7,
             f"facegate classic hit, {label}: the whole image uploaded, answered from the cache",
-            f"{fmt_wrk(classic)} · {classic.rps / base_res.rps:.2f}x baseline · CPU {classic_cpu:.2f} ms/req · "
+            f"{fmt_wrk(classic)} · {classic.rps / base_res.rps:.2f}x baseline · CPU {classic_cpu:.2f} ms/req "
+            f"({base_cpu / classic_cpu if classic_cpu else 0.0:.2f}x by CPU) · "
             f"{sent['classic']:,.0f} B sent per request",
         )
         for name, res, cpu_ms, how in (
@@ -749,9 +750,10 @@ def row7(b: Bench) -> None:
              expect, expect_cpu, "expect"),
         ):  # fmt: skip
             ratio = res.rps / base_res.rps if base_res.rps else 0.0
+            by_cpu = base_cpu / cpu_ms if cpu_ms else 0.0
             result = (
                 f"{fmt_wrk(res)} · {ratio:.2f}x baseline · {res.rps / classic.rps:.2f}x classic hit · "
-                f"CPU {cpu_ms:.2f} ms/req · {sent[how]:,.0f} B sent per request"
+                f"CPU {cpu_ms:.2f} ms/req ({by_cpu:.2f}x baseline by CPU) · {sent[how]:,.0f} B sent per request"
             )
             if label == "200 KB":
                 b.line(7, f"{name}, {label}", result, "≥ 3x baseline req/s", verdict(ratio >= 3))
