@@ -55,6 +55,22 @@ UPLOAD_BODY: dict[str, Any] = {
             "description": "A fresh, billable analysis even when the image is cached; only for tenants with "
             "`allow_force = true` (else 403 `force_not_allowed`). Counted as `forced` in usage and history.",
         },
+        {
+            "name": "Content-Digest",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "example": "sha-256=:<base64 of the 32-byte SHA-256>:"},
+            "description": "RFC 9530, for a raw image body: an image analyzed before is answered from the "
+            "headers, without reading the body (with `Expect: 100-continue` it is never sent); otherwise the "
+            "body must match it (400 `digest_mismatch`). Malformed: 400 `invalid_digest`. Ignored on multipart.",
+        },
+        {
+            "name": "Image-Digest",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "example": "sha-256=:<base64 of the 32-byte SHA-256>:"},
+            "description": "The same for the multipart `image` part (or a raw body): `sha-256=:<base64>:`.",
+        },
     ],
 }
 
