@@ -48,7 +48,7 @@ CATALOGUE: Final[dict[str, ErrorSpec]] = {
     "upstream_rejected_image": ErrorSpec(422, "The upstream rejected the image", 422, "ERROR_INVALID_FILE"),
     "request_timeout": ErrorSpec(408, "The upload was too slow", 400, "ERROR_PARAMETERS"),
     "not_found": ErrorSpec(404, "Not found", 404, "ERROR_AI_NOT_EXISTS"),
-    "method_not_allowed": ErrorSpec(405, "Method not allowed", 404, "ERROR_AI_NOT_EXISTS"),
+    "method_not_allowed": ErrorSpec(405, "Method not allowed", 405, "ERROR_AI_NOT_EXISTS"),
     "upstream_auth": ErrorSpec(502, "The gateway's upstream credentials were refused", 502, "ERROR_GATEWAY"),
     "upstream_error": ErrorSpec(502, "The upstream failed", 502, "ERROR_GATEWAY"),
     "upstream_credits": ErrorSpec(503, "The upstream account is out of credits", 503, "ERROR_INSUFFICIENT_RESOURCES"),

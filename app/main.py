@@ -10,9 +10,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import admin, compat, ops, problems, try_page, v1
+from app.api import admin, compat, openapi, ops, problems, try_page, v1
 from app.api.edge import EdgeMiddleware
-from app.api.openapi import register_problem_schema
 from app.intake.receive import MULTIPART_OVERHEAD
 from app.observability import Metrics
 from app.runtime import lifespan
@@ -26,6 +25,9 @@ def create_app(settings: Settings | None = None, *, demo_key: str | None = None)
         title="facegate",
         version=__version__,
         summary="A gateway in front of ailabapi's Face Analyzer Advanced: tenant keys, quotas, a cache, one schema.",
+        description=openapi.DESCRIPTION,
+        openapi_tags=openapi.TAGS,
+        generate_unique_id_function=openapi.operation_id,
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -43,5 +45,5 @@ def create_app(settings: Settings | None = None, *, demo_key: str | None = None)
         drain_s=settings.body_timeout_s,
         drain_bytes=settings.max_image_bytes + MULTIPART_OVERHEAD,
     )
-    register_problem_schema(app)
+    openapi.install(app, max_image_bytes=settings.max_image_bytes)
     return app

@@ -2,7 +2,9 @@
 and the usage history per tenant and UTC day for chargeback (``GET /v1/usage/history``,
 ``facegate usage --from … --to … [--csv]``).
 
-Both print :func:`usage_dict` / :func:`history_report`, so what an operator sees is what the tenant sees.
+Both print :func:`usage_dict` / :func:`history_report`, so what an operator sees is what the tenant
+sees. :class:`UsageReport` and :class:`UsageHistory` are their published shapes (the OpenAPI response
+models); ``tests/unit/test_usage_report.py`` proves each pair agrees key for key.
 """
 
 from __future__ import annotations
@@ -14,11 +16,79 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from app import redisconn
 from app.limits import Admission, Limiter, QuotaUnavailable, RedisLimiter, Usage, ceil_s, utc_iso
 from app.limits.base import DayCounts
 from app.settings import Settings
 from app.tenants import TenantRegistry, TenantsFileError
+
+
+class UsagePolicy(BaseModel):
+    """One limit as the `RateLimit-Policy` header names it. Unlimited quotas are not listed."""
+
+    name: str = Field(description="`burst` (the rate limit), `daily` or `monthly` (quotas of billable calls).")
+    quota: int = Field(ge=0, description="Requests (burst) or billable calls (quotas) allowed in the window.")
+    window_s: int = Field(ge=1, description="The window, seconds (a month's length for `monthly`).")
+
+
+class UsageRateLimit(BaseModel):
+    """The rate limit on every request (cache hits too): GCRA, `rate_per_s` sustained, `burst` at once."""
+
+    rate_per_s: float = Field(gt=0, description="Sustained requests per second.")
+    burst: int = Field(ge=1, description="Requests allowed at once.")
+    remaining: int = Field(ge=0, description="Requests that could be made right now.")
+    reset_s: float = Field(ge=0, description="Seconds until the full burst is available again.")
+
+
+class UsageQuota(BaseModel):
+    """One quota of billable (upstream) calls. Cache hits never count."""
+
+    limit: int | None = Field(description="Calls allowed in the window; null = unlimited.")
+    used: int = Field(ge=0, description="Calls reserved or committed in the window (refunded calls are not).")
+    remaining: int | None = Field(description="Calls left in the window; null = unlimited.")
+    reset_s: int = Field(ge=0, description="Seconds until the window resets (UTC day or calendar month).")
+    reset_at: datetime = Field(description="When the window resets, UTC (RFC 3339, whole seconds).")
+
+
+class UsageQuotas(BaseModel):
+    """The daily and monthly quotas."""
+
+    daily: UsageQuota = Field(description="This UTC day.")
+    monthly: UsageQuota = Field(description="This UTC calendar month.")
+
+
+class UsageCredits(BaseModel):
+    """Calls ailabapi billed (committed), which is what the tenant cost."""
+
+    day: int = Field(ge=0, description="This UTC day.")
+    month: int = Field(ge=0, description="This UTC calendar month.")
+
+
+class UsageCacheCounts(BaseModel):
+    """Admitted requests, by whether the cache answered them (refused requests are neither)."""
+
+    hits: int = Field(ge=0, description="Answered from the cache: free.")
+    misses: int = Field(ge=0, description="Made or joined an upstream call.")
+
+
+class UsageCache(BaseModel):
+    """Cache hits and misses."""
+
+    day: UsageCacheCounts = Field(description="This UTC day.")
+    month: UsageCacheCounts = Field(description="This UTC calendar month.")
+
+
+class UsageReport(BaseModel):
+    """The calling tenant's limits and usage (`GET /v1/usage`; `facegate usage --json` prints the same)."""
+
+    tenant: str = Field(description="The tenant's name.")
+    policies: list[UsagePolicy] = Field(description="The limits, as in the `RateLimit-Policy` header.")
+    rate_limit: UsageRateLimit = Field(description="The rate limit's state.")
+    quotas: UsageQuotas = Field(description="The quotas' state.")
+    credits_spent: UsageCredits = Field(description="Billable calls ailabapi charged for.")
+    cache: UsageCache = Field(description="Cache hits and misses.")
 
 
 def usage_dict(u: Usage) -> dict[str, Any]:
@@ -154,6 +224,50 @@ def _total(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             refused[code] = refused.get(code, 0) + n
     total["refused"] = dict(sorted(refused.items()))
     return total
+
+
+class HistoryCounts(BaseModel):
+    """Counts over some UTC days."""
+
+    billable_calls: int = Field(
+        ge=0, description="Calls ailabapi billed for this tenant (`credits_spent` in /v1/usage)."
+    )
+    credits: int = Field(ge=0, description="Credits those cost (one per billed call).")
+    upstream_calls: int = Field(ge=0, description="Attempts made at ailabapi for this tenant, retries included.")
+    hits: int = Field(ge=0, description="Answers from the cache.")
+    misses: int = Field(
+        ge=0, description="Admitted requests not answered from the cache (collapsed and forced included)."
+    )
+    collapsed: int = Field(ge=0, description="Misses answered by an identical call already in flight (not billed).")
+    forced: int = Field(ge=0, description="Misses forced with X-Facegate-Force.")
+    refused: dict[str, int] = Field(description="Answers with a problem, by problem code.")
+
+
+class HistoryDay(HistoryCounts):
+    """One UTC day with any activity."""
+
+    date: str = Field(
+        description="The UTC day, YYYY-MM-DD (a call counts on the day it was admitted).",
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+    )
+
+
+class TenantHistory(BaseModel):
+    """One tenant's days and their totals."""
+
+    tenant: str = Field(description="The tenant's name.")
+    days: list[HistoryDay] = Field(description="Days with any activity, oldest first.")
+    totals: HistoryCounts = Field(description="The sums over those days.")
+
+
+class UsageHistory(BaseModel):
+    """Usage per tenant and UTC day over a range of days (`GET /v1/usage/history`)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: str = Field(alias="from", description="First UTC day, YYYY-MM-DD.", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    to: str = Field(description="Last UTC day, YYYY-MM-DD.", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    tenants: list[TenantHistory] = Field(description="One entry per tenant read.")
 
 
 async def history_report(limiter: Limiter, tenants: Sequence[str], first: date, last: date) -> dict[str, Any]:

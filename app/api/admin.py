@@ -5,15 +5,15 @@ A missing or unknown key gets 401 ``unauthorized``, a valid *tenant* key 403
 data or deletes anything writes an audit line (``app.audit``). The routes are thin: the
 governance use cases (purges, history) live in the service layer.
 
-Adding a route: declare ``operator: OperatorDep`` (that is the whole access check), list
-``problems(401, 403, ...)`` in ``responses``, and call ``audit(...)`` with the operator as
-the actor, e.g. ``audit("upstream_keys.read", actor=f"operator:{operator.name}",
-request_id=ctx.request_id)``.
+Adding a route: declare ``operator: OperatorDep`` (that is the whole access check; its 400/401/403
+and the security schemes are added to the OpenAPI document by ``app.api.openapi``), list the
+problem codes the route itself raises in ``responses=problems(...)`` (docs/developing.md, "Adding
+an endpoint"), and call ``audit(...)`` with the operator as the actor, e.g.
+``audit("upstream_keys.read", actor=f"operator:{operator.name}", request_id=ctx.request_id)``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable
 from typing import Annotated, Any
 
@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import ContextDep, OperatorDep, RuntimeDep
-from app.api.openapi import problems
+from app.api.openapi import Sha256Path, Tag, problems
 from app.api.responses import json_response
 from app.audit import audit
 from app.cache import CacheError
@@ -30,22 +30,23 @@ from app.errors import Problem
 from app.limits import QuotaUnavailable
 from app.purge import Purged
 from app.tenants import Tenant
-from app.usage_report import usage_dict
+from app.usage_report import UsageReport, usage_dict
 
-#: Every admin route documents these refusals (no key / unknown key, and a tenant key).
-ADMIN_PROBLEMS = problems(400, 401, 403, 503)
-
-router = APIRouter(prefix="/admin", tags=["admin"], responses=ADMIN_PROBLEMS)
+router = APIRouter(prefix="/admin", tags=[Tag.ADMIN])
 
 
 class TenantLimitsModel(BaseModel):
-    rate_per_s: float
-    burst: int
+    """A tenant's effective limits."""
+
+    rate_per_s: float = Field(description="Sustained requests per second.")
+    burst: int = Field(description="Requests allowed at once.")
     daily_quota: int | None = Field(description="Billable calls per UTC day; null = unlimited.")
     monthly_quota: int | None = Field(description="Billable calls per UTC month; null = unlimited.")
 
 
 class TenantPolicyModel(BaseModel):
+    """A tenant's data policy (docs/privacy.md)."""
+
     store: bool = Field(description="false: its answers are never cached.")
     omit: list[str] = Field(description="v1 face fields removed from its answers and from what is stored.")
     cache_ttl_s: int | None = Field(description="Lifetime of its cached answers; null = FACEGATE_CACHE_TTL_S.")
@@ -54,12 +55,16 @@ class TenantPolicyModel(BaseModel):
 
 
 class TenantInfo(BaseModel):
-    name: str
-    limits: TenantLimitsModel
-    policy: TenantPolicyModel
+    """One tenant of the tenants file (never its keys)."""
+
+    name: str = Field(description="The tenant's name.")
+    limits: TenantLimitsModel = Field(description="Its effective limits.")
+    policy: TenantPolicyModel = Field(description="Its data policy.")
 
 
 class TenantsList(BaseModel):
+    """The tenants file as facegate reads it now."""
+
     tenants: list[TenantInfo]
     operators: list[str] = Field(description="Names of the operators (never their keys).")
 
@@ -88,25 +93,27 @@ def actor(operator_name: str) -> str:
     return f"operator:{operator_name}"
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-Sha256 = Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")]
-TenantName = Annotated[str, Path(description="A tenant's name (also one no longer in the tenants file).")]
-
-
-def _check(value: str, pattern: re.Pattern[str], what: str) -> None:
-    if not pattern.match(value):
-        raise Problem("invalid_request", f"{what} is not valid")
+TenantName = Annotated[
+    str,
+    Path(
+        description="A tenant's name (also one no longer in the tenants file).",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    ),
+]
 
 
 class Replicas(BaseModel):
+    """How the other replicas took the deletion."""
+
     told: int = Field(description="Replicas subscribed when the deletion was announced.")
     confirmed: int = Field(description="Of those, how many confirmed they dropped their copies in time.")
 
 
 class PurgeResult(BaseModel):
+    """What a purge deleted, and whether every replica dropped its copies."""
+
     deleted: int = Field(description="Cache entries that existed and were deleted.")
-    replicas: Replicas
+    replicas: Replicas = Field(description="Replicas told and confirming.")
 
 
 async def _purge(work: Awaitable[Purged]) -> Response:
@@ -121,8 +128,8 @@ async def _purge(work: Awaitable[Purged]) -> Response:
     )
 
 
-@router.get("/tenants", summary="Every tenant's settings (no keys)", response_model=TenantsList)
-async def tenants(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
+@router.get("/tenants", summary="List every tenant's settings (no keys)", response_model=TenantsList)
+async def list_tenants(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
     """The tenants file as facegate reads it now: names and effective settings, and the
     operators' names. Key hashes are never shown."""
     registry = rt.tenants.registry
@@ -139,11 +146,11 @@ async def tenants(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Res
     "/tenants/{tenant}/analyses",
     summary="Purge everything cached for a tenant",
     response_model=PurgeResult,
+    responses=problems("cache_unavailable"),
 )
 async def purge_tenant(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName) -> Response:
     """Deletes every analysis and verdict the tenant's calls stored (in `shared` scope: the entries its
     calls paid for), in Redis and in every replica's local tier; its calls in flight store nothing."""
-    _check(tenant, _NAME, "tenant")
     return await _purge(rt.purger.purge_tenant(tenant, actor=actor(operator.name), request_id=ctx.request_id))
 
 
@@ -151,32 +158,36 @@ async def purge_tenant(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, t
     "/tenants/{tenant}/analyses/{sha256}",
     summary="Delete one tenant's cached analysis of an image",
     response_model=PurgeResult,
+    responses=problems("cache_unavailable"),
 )
 async def delete_tenant_analysis(
-    rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName, sha256: Sha256
+    rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName, sha256: Sha256Path
 ) -> Response:
     """What `DELETE /v1/faces/analyses/{sha256}` does for the tenant, done by an operator."""
-    _check(tenant, _NAME, "tenant")
-    _check(sha256, _SHA256, "sha256")
     scope = rt.settings.cache_scope
     work = rt.purger.delete_analysis(scope, tenant, sha256, actor=actor(operator.name), request_id=ctx.request_id)
     return await _purge(work)
 
 
-@router.delete("/analyses/{sha256}", summary="Purge one image across every tenant", response_model=PurgeResult)
-async def purge_hash(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, sha256: Sha256) -> Response:
+@router.delete(
+    "/analyses/{sha256}",
+    summary="Purge one image across every tenant",
+    response_model=PurgeResult,
+    responses=problems("cache_unavailable"),
+)
+async def purge_image(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, sha256: Sha256Path) -> Response:
     """Deletes the image's analysis in every tenant's scope and in the shared scope."""
-    _check(sha256, _SHA256, "sha256")
     known = rt.tenants.registry.tenants
     return await _purge(rt.purger.purge_hash(sha256, known, actor=actor(operator.name), request_id=ctx.request_id))
 
 
 @router.get(
     "/tenants/{tenant}/usage",
-    summary="Any tenant's limits and usage",
-    responses=problems(404),
+    summary="Read any tenant's limits and usage",
+    response_model=UsageReport,
+    responses=problems("not_found", "quota_unavailable"),
 )
-async def tenant_usage(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName) -> Response:
+async def get_tenant_usage(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep, tenant: TenantName) -> Response:
     """The body `GET /v1/usage` gives that tenant (the operator's read is not rate-limited or counted)."""
     found = rt.tenants.registry.tenants.get(tenant)
     if found is None:

@@ -11,47 +11,56 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
-from app.api.openapi import UPLOAD_BODY
-from app.api.uploads import analyze_request
+from app.api.openapi import ANALYZE_EXTRA, AilabapiErrorDetail, Tag, header, problems
+from app.api.uploads import ANALYZE_REFUSALS, analyze_request
 from app.policy import strip_body
 from app.upstream import contract
 
-router = APIRouter(tags=["ailabapi-compatible"])
+router = APIRouter()
 
-#: ailabapi's error envelope (``contract.envelope``), as documented in the fuzzed OpenAPI.
-ENVELOPE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["request_id", "error_code", "error_code_str", "error_msg", "error_detail"],
-    "properties": {
-        "request_id": {"type": "string"},
-        "log_id": {"type": "string"},
-        "error_code": {"type": "integer"},
-        "error_code_str": {"type": "string"},
-        "error_msg": {"type": "string"},
-        "error_detail": {"type": "object"},
-    },
-}
+
+class AilabapiAnalysis(BaseModel):
+    """ailabapi's answer, byte for byte as ailabapi gave it (from the cache or live).
+
+    ailabapi documents two shapes for this endpoint: the Tencent shape (`image_width`,
+    `image_height`, `face_detail_infos`) and the list shape (`data`); facegate passes on
+    whichever ailabapi sent (facegate's own `/v1/faces/analyze` maps both onto one schema).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    request_id: str = Field(description="ailabapi's request id.")
+    log_id: str | None = Field(None, description="ailabapi's log id.")
+    error_code: int | None = Field(None, description="0 on success.")
+    error_code_str: str | None = Field(None, description="Empty on success.")
+    error_msg: str | None = Field(None, description="Empty on success.")
+    error_detail: AilabapiErrorDetail | None = Field(None, description="On success, an empty code.")
+    image_width: int | None = Field(None, description="Tencent shape: the image's width, px.")
+    image_height: int | None = Field(None, description="Tencent shape: the image's height, px.")
+    face_detail_infos: list[dict[str, Any]] | None = Field(None, description="Tencent shape: one entry per face.")
+    data: dict[str, Any] | None = Field(None, description="List shape: per-attribute lists, one entry per face.")
 
 
 @router.post(
     contract.ANALYZE_PATH,
-    summary="ailabapi-compatible Face Analyzer Advanced",
+    tags=[Tag.AILABAPI],
+    summary="Analyze faces, speaking ailabapi's protocol (drop-in)",
+    response_model=AilabapiAnalysis,
     responses={
-        200: {"description": "ailabapi's JSON envelope, exactly as ailabapi answered it."},
-        "default": {
-            "description": "An error in ailabapi's envelope: ailabapi's own (replayed), or facegate's refusal "
-            "(then the X-Facegate-Error header carries facegate's problem code).",
-            "content": {"application/json": {"schema": ENVELOPE_SCHEMA}},
-        },
+        200: {"headers": header("CacheStatus")},
+        **problems(*ANALYZE_REFUSALS, "upstream_rejected_image"),
     },
-    openapi_extra=UPLOAD_BODY,
+    openapi_extra=ANALYZE_EXTRA,
 )
-async def face_analyzer_advanced(
+async def analyze_faces_ailabapi(
     request: Request, *, rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep, opts: OptionsDep
 ) -> Response:
-    """Same request as ailabapi (multipart field `image`, tenant key in `ailabapi-api-key`); the
-    answer is ailabapi's JSON, from the cache or live, including its error envelopes."""
+    """Same request as ailabapi's Face Analyzer Advanced (multipart field `image`, the tenant key in
+    `ailabapi-api-key`); the answer is ailabapi's JSON, from the cache or live. ailabapi's verdicts
+    on an image (no face, blurry face, …) come back as ailabapi sent them; facegate's refusals come
+    in ailabapi's envelope with the facegate code in `X-Facegate-Error` (statuses as ailabapi uses them)."""
     entry = await analyze_request(request, rt, ctx, tenant, opts)
     return Response(strip_body(entry.body, tenant.policy.omit), status_code=entry.status, media_type="application/json")

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.openapi import refuses
 from app.context import RequestContext
 from app.errors import Problem
 from app.runtime import Runtime
@@ -29,6 +30,12 @@ CREDENTIAL_PARAMS = frozenset(
     {"key", "api_key", "apikey", "api-key", "token", "access_token", "auth", "x-api-key", contract.KEY_HEADER}
 )
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+
+#: The OpenAPI security schemes (``openapi.SECURITY_SCHEMES``) each kind of key is accepted by:
+#: any one of them (a tenant key works in all three headers, on every route).
+TENANT_SECURITY = ("bearer", "apiKey", "ailabapiKey")
+OPERATOR_SECURITY = ("operatorKey", "operatorKeyHeader")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -74,6 +81,7 @@ def operator_required(action: str) -> Problem:
     return Problem("operator_required", f"{action} needs an operator key (tenant keys cannot do this)")
 
 
+@refuses("credentials_in_query", "unauthorized", security=TENANT_SECURITY)
 async def authenticate(request: Request) -> Tenant:
     """The calling tenant, or a 401 identical for every kind of wrong key."""
     _refuse_keys_in_query(request)
@@ -125,6 +133,7 @@ operator_header = APIKeyHeader(
 )
 
 
+@refuses("credentials_in_query", "unauthorized", "operator_required", security=OPERATOR_SECURITY)
 async def authenticate_operator(
     request: Request,
     _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(operator_bearer)],
@@ -139,6 +148,7 @@ async def authenticate_operator(
     return caller.operator
 
 
+@refuses("credentials_in_query", "unauthorized", security=TENANT_SECURITY + OPERATOR_SECURITY)
 async def authenticate_caller(request: Request) -> Caller:
     """A tenant or an operator (routes that serve both, e.g. usage history); 401 otherwise."""
     caller = _caller(request)
@@ -152,6 +162,7 @@ FORCE_HEADER = "X-Facegate-Force"
 _YES = frozenset({"1", "true", "yes"})
 
 
+@refuses("force_not_allowed")
 async def cache_options(request: Request, tenant: Annotated[Tenant, Depends(authenticate)]) -> AnalyzeOptions:
     """``X-Facegate-Force: 1`` forces a fresh (billable) analysis — only for tenants with
     ``allow_force``, else 403 ``force_not_allowed``. ``Cache-Control: no-cache`` no longer does:

@@ -89,6 +89,9 @@ class EdgeMiddleware:
         response_started = False
         waiting = expects_continue(scope)  # the client waits for 100 Continue until the app reads
         drain = False
+        # HEAD is GET without the body (RFC 9110 9.3.2): routed as GET, the body dropped here.
+        head = scope["method"] == "HEAD"
+        inner = {**scope, "method": "GET"} if head else scope
 
         async def receive_wrapper() -> Message:
             nonlocal waiting
@@ -106,7 +109,9 @@ class EdgeMiddleware:
                 if waiting:  # answered before the body was asked for: this connection ends here
                     drain = True
                     message["headers"].append((b"connection", b"close"))
-            elif drain and not message.get("more_body", False):
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            if drain and message["type"] == "http.response.body" and not message.get("more_body", False):
                 await send({**message, "more_body": True})  # the answer is complete for the client
                 await self._drain(scope, ctx, receive)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -114,7 +119,7 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_wrapper if waiting else receive, send_wrapper)
+            await self.app(inner, receive_wrapper if waiting else receive, send_wrapper)
         except ClientDisconnect:
             # The client hung up mid-upload: nobody to answer and nothing broke here (nginx's 499).
             status = 499

@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import get_context
@@ -24,7 +25,9 @@ async def on_problem(request: Request, exc: Exception) -> Response:
 
 async def on_validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    where = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
+    where = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()[:5]
+    )
     problem = Problem("invalid_request", f"invalid parameter(s): {where}")
     return problem_response(problem, get_context(request), compat=is_compat(request.scope))
 
@@ -38,7 +41,23 @@ async def on_http(request: Request, exc: Exception) -> Response:
     response = problem_response(problem, get_context(request), compat=is_compat(request.scope))
     if exc.headers:
         response.headers.update(exc.headers)
+    if exc.status_code == 405:
+        response.headers["Allow"] = ", ".join(allowed_methods(request))
     return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's own ``Allow`` names only the
+    first route that matched the path), HEAD wherever GET is (the edge answers it)."""
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        regex, served = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and served and regex.match(path):
+            methods |= served
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def install(app: FastAPI) -> None:

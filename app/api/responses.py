@@ -21,9 +21,14 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
+def is_compat_path(path: object) -> bool:
+    """True for the drop-in route's path, whose callers expect ailabapi's envelope."""
+    return path == contract.ANALYZE_PATH
+
+
 def is_compat(scope: Scope) -> bool:
-    """True on the drop-in route, whose callers expect ailabapi's envelope."""
-    return bool(scope.get("path") == contract.ANALYZE_PATH)
+    """True on the drop-in route (also what the OpenAPI document says its errors look like)."""
+    return is_compat_path(scope.get("path"))
 
 
 def problem_response(problem: Problem, ctx: RequestContext, *, compat: bool) -> Response:

@@ -3,6 +3,8 @@ upload, run the use case, release the upload."""
 
 from __future__ import annotations
 
+from typing import Final
+
 from fastapi import Request
 
 from app.context import RequestContext
@@ -14,6 +16,33 @@ from app.intake.receive import RAW_TYPES
 from app.runtime import Runtime
 from app.service import AnalyzeOptions
 from app.tenants import Tenant
+
+#: Every problem code :func:`analyze_request` can answer with (the analyze routes' OpenAPI
+#: responses): the upload (intake), the limits, and the upstream call.
+ANALYZE_REFUSALS: Final = (
+    # receiving and judging the upload (app/intake): free, and still rate counted
+    "image_missing",
+    "invalid_request",
+    "invalid_digest",
+    "digest_mismatch",
+    "request_timeout",
+    "image_too_large",
+    "unsupported_media_type",
+    "invalid_image",
+    "image_dimensions",
+    "too_many_uploads",
+    "overloaded",
+    # the tenant's limits (app/limits)
+    "rate_limited",
+    "quota_exceeded",
+    "quota_unavailable",
+    # the paid call (app/upstream)
+    "upstream_auth",
+    "upstream_error",
+    "upstream_credits",
+    "upstream_unavailable",
+    "upstream_timeout",
+)
 
 
 async def receive_upload(request: Request, rt: Runtime, tenant: Tenant, expected_sha256: str | None) -> Upload:

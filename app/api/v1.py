@@ -5,31 +5,42 @@ from __future__ import annotations
 import re
 from datetime import date
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.deps import CallerDep, ContextDep, OptionsDep, RuntimeDep, TenantDep, operator_required
-from app.api.openapi import UPLOAD_BODY, problems
+from app.api.openapi import ANALYZE_EXTRA, Sha256Path, Tag, header, problems
 from app.api.responses import json_response
-from app.api.uploads import analyze_request
+from app.api.uploads import ANALYZE_REFUSALS, analyze_request
 from app.audit import audit
 from app.cache import CacheError
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry
 from app.errors import Problem
-from app.limits import QuotaUnavailable, Usage
+from app.limits import QuotaUnavailable
 from app.policy import null_fields
 from app.schema.normalize import build_analysis
 from app.schema.v1 import AnalysisV1
 from app.upstream.contract import Kind
-from app.usage_report import MAX_HISTORY_DAYS, history_report, today_utc, usage_dict
+from app.usage_report import MAX_HISTORY_DAYS, UsageHistory, UsageReport, history_report, today_utc, usage_dict
 
-router = APIRouter(prefix="/v1", tags=["v1"])
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TENANT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+router = APIRouter(prefix="/v1")
+
+
+#: An analysis carries the cache's verdict; it can be read again by its image's hash.
+_ANALYSIS = {
+    "headers": header("CacheStatus"),
+    "links": {
+        "getAnalysis": {
+            "operationId": "getAnalysis",
+            "parameters": {"sha256": "$response.body#/image/sha256"},
+            "description": "Read this analysis again later, free (while it is cached).",
+        }
+    },
+}
 
 
 def render(ctx: RequestContext, entry: Entry, *, landmarks: bool, omit: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -62,12 +73,13 @@ def render(ctx: RequestContext, entry: Entry, *, landmarks: bool, omit: frozense
 
 @router.post(
     "/faces/analyze",
+    tags=[Tag.FACES],
     summary="Analyze the faces in an image",
     response_model=AnalysisV1,
-    responses=problems(400, 401, 403, 408, 413, 415, 422, 429, 502, 503, 504),
-    openapi_extra=UPLOAD_BODY,
+    responses={200: _ANALYSIS, **problems(*ANALYZE_REFUSALS, "upstream_rejected_image")},
+    openapi_extra=ANALYZE_EXTRA,
 )
-async def analyze(
+async def analyze_faces(
     request: Request,
     *,
     rt: RuntimeDep,
@@ -79,28 +91,32 @@ async def analyze(
     ] = False,
 ) -> Response:
     """Answers from the cache when this image was analyzed before (free), otherwise calls ailabapi
-    (one billable call counted against the tenant's quota). Identical concurrent uploads share one call."""
+    (one billable call counted against the tenant's quota). Identical concurrent uploads share one call.
+
+    No face found is a 200 with `faces: []`. Refusals cost nothing: bad input is refused before any
+    upstream call, and a call that fails is refunded."""
     entry = await analyze_request(request, rt, ctx, tenant, opts)
     return json_response(render(ctx, entry, landmarks=landmarks, omit=tenant.policy.omit))
 
 
 @router.get(
     "/faces/analyses/{sha256}",
-    summary="A cached analysis, by the image's SHA-256",
+    tags=[Tag.FACES],
+    summary="Read a cached analysis by the image's SHA-256",
     response_model=AnalysisV1,
-    responses=problems(400, 401, 404, 422, 429),
+    responses={200: _ANALYSIS, **problems("rate_limited", "not_found", "upstream_rejected_image")},
 )
-async def cached_analysis(
+async def get_analysis(
     *,
     rt: RuntimeDep,
     ctx: ContextDep,
     tenant: TenantDep,
-    sha256: Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")],
+    sha256: Sha256Path,
     landmarks: Annotated[bool, Query(description="Include landmarks and pupils.")] = False,
 ) -> Response:
-    """Never billable: answers only what is in the cache for the caller's scope."""
-    if not _SHA256.match(sha256):
-        raise Problem("invalid_request", "sha256 must be 64 lowercase hex characters")
+    """Never billable: answers only what is in the cache for the caller's scope (404 `not_found`
+    otherwise; analyzed images stay `FACEGATE_CACHE_TTL_S`). An image ailabapi refused is answered
+    with the same 422 `upstream_rejected_image` as when it was sent."""
     entry = await rt.service.lookup(ctx, tenant, sha256)
     if entry is None:
         raise Problem("not_found", "no cached analysis of that image for this tenant")
@@ -109,25 +125,21 @@ async def cached_analysis(
 
 @router.delete(
     "/faces/analyses/{sha256}",
-    summary="Delete a cached analysis, by the image's SHA-256",
+    tags=[Tag.FACES],
+    summary="Delete a cached analysis by the image's SHA-256",
     status_code=204,
     response_class=Response,
-    responses={204: {"description": "Deleted everywhere it was held."}, **problems(400, 401, 403, 404, 429, 503)},
+    responses={
+        204: {"description": "Deleted everywhere it was held."},
+        **problems("operator_required", "not_found", "rate_limited", "cache_unavailable"),
+    },
 )
-async def delete_analysis(
-    *,
-    rt: RuntimeDep,
-    ctx: ContextDep,
-    caller: CallerDep,
-    sha256: Annotated[str, Path(description="SHA-256 of the image bytes, 64 lowercase hex characters.")],
-) -> Response:
+async def delete_analysis(*, rt: RuntimeDep, ctx: ContextDep, caller: CallerDep, sha256: Sha256Path) -> Response:
     """Removes the caller's cached analysis of that image (or verdict on it) from Redis, from every
     replica's local tier and from calls still in flight. With a tenant key: that tenant's own entry;
     in `shared` cache scope only an operator may delete (403 `operator_required`), since other tenants
     rely on the entry. With an operator key: the image in every tenant's scope and the shared one.
     404 when nothing was held."""
-    if not _SHA256.match(sha256):
-        raise Problem("invalid_request", "sha256 must be 64 lowercase hex characters")
     try:
         if caller.operator is not None:
             done = await rt.purger.purge_hash(
@@ -152,69 +164,58 @@ async def delete_analysis(
     return Response(status_code=204)
 
 
-@router.get("/usage", summary="The caller's limits and usage", responses=problems(401, 429, 503))
-async def usage(rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep) -> Response:
-    """Policies, used and remaining per window, reset times, cache hits/misses and credits spent."""
+@router.get(
+    "/usage",
+    tags=[Tag.USAGE],
+    summary="Read the caller's limits and usage",
+    response_model=UsageReport,
+    responses=problems("rate_limited", "quota_unavailable"),
+)
+async def get_usage(rt: RuntimeDep, ctx: ContextDep, tenant: TenantDep) -> Response:
+    """Policies, used and remaining per window, reset times, cache hits/misses and credits spent.
+    Reading it counts against the rate limit, never against a quota."""
     report = await rt.service.usage(ctx, tenant)
-    return json_response(usage_body(report))
+    return json_response(usage_dict(report))
 
 
-class HistoryDay(BaseModel):
-    date: str = Field(description="The UTC day, YYYY-MM-DD (a call counts on the day it was admitted).")
-    billable_calls: int = Field(
-        description="Calls ailabapi billed for this tenant (what /v1/usage calls credits_spent)."
-    )
-    credits: int = Field(description="Credits those cost (one per billed call).")
-    upstream_calls: int = Field(description="Attempts made at ailabapi for this tenant, retries included.")
-    hits: int = Field(description="Answers from the cache.")
-    misses: int = Field(description="Admitted requests not answered from the cache (collapsed and forced included).")
-    collapsed: int = Field(description="Misses answered by an identical call already in flight (not billed).")
-    forced: int = Field(description="Misses forced with X-Facegate-Force.")
-    refused: dict[str, int] = Field(description="Answers with a problem, by problem code.")
+def _iso_date(value: object) -> object:
+    """Only ``YYYY-MM-DD`` (pydantic would also read ``0`` as a Unix timestamp)."""
+    if isinstance(value, str) and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("a date as YYYY-MM-DD")
+    return value
 
 
-class HistoryTotals(BaseModel):
-    billable_calls: int
-    credits: int
-    upstream_calls: int
-    hits: int
-    misses: int
-    collapsed: int
-    forced: int
-    refused: dict[str, int]
-
-
-class TenantHistory(BaseModel):
-    tenant: str
-    days: list[HistoryDay] = Field(description="Days with any activity, oldest first.")
-    totals: HistoryTotals
-
-
-class UsageHistory(BaseModel):
-    from_: str = Field(alias="from")
-    to: str
-    tenants: list[TenantHistory]
+IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 
 
 @router.get(
     "/usage/history",
-    summary="Usage per UTC day, for chargeback",
+    tags=[Tag.USAGE],
+    summary="Read usage per UTC day, for chargeback",
     response_model=UsageHistory,
-    responses=problems(400, 401, 403, 429, 503),
+    responses=problems("operator_required", "rate_limited", "quota_unavailable"),
 )
-async def usage_history(
+async def get_usage_history(
     *,
     rt: RuntimeDep,
     ctx: ContextDep,
     caller: CallerDep,
-    first: Annotated[date | None, Query(alias="from", description="First UTC day, YYYY-MM-DD (default: to).")] = None,
-    last: Annotated[date | None, Query(alias="to", description="Last UTC day, YYYY-MM-DD (default: today).")] = None,
+    first: Annotated[
+        IsoDate | None, Query(alias="from", description="First UTC day, YYYY-MM-DD (default: to).")
+    ] = None,
+    last: Annotated[IsoDate | None, Query(alias="to", description="Last UTC day, YYYY-MM-DD (default: today).")] = None,
     tenant: Annotated[
-        str | None, Query(description="Operators: one tenant (also one no longer in the tenants file); default all.")
+        str | None,
+        Query(
+            description="Operators: one tenant (also one no longer in the tenants file); default all. A tenant key "
+            "may name only its own tenant (else 403 `operator_required`).",
+            pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        ),
     ] = None,
 ) -> Response:
-    """A tenant reads its own history; an operator every tenant's (audited). At most 400 days per
-    read; kept at least 400 days (with Redis; for the life of the process without)."""
+    """A tenant reads its own history; an operator every tenant's (audited). `from` must not be after
+    `to`, and at most 400 days apart (400 `invalid_request`); the history is kept at least 400 days
+    (with Redis; for the life of the process without)."""
     last = last or today_utc()
     first = first or last
     if first > last or (last - first).days >= MAX_HISTORY_DAYS:
@@ -226,8 +227,6 @@ async def usage_history(
             raise operator_required("reading another tenant's history")
         names = [caller.tenant.name]
     else:
-        if tenant is not None and not _TENANT.match(tenant):
-            raise Problem("invalid_request", "tenant is not a valid tenant name")
         names = [tenant] if tenant is not None else sorted(rt.tenants.registry.tenants)
     try:
         report = await history_report(rt.service.limiter, names, first, last)
@@ -245,19 +244,38 @@ async def usage_history(
     return json_response(report)
 
 
-def usage_body(u: Usage) -> dict[str, Any]:
-    return usage_dict(u)
+class JsonSchemaDocument(BaseModel):
+    """A JSON Schema (draft 2020-12) document: the published schema of the v1 analysis."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_: str = Field(alias="$schema", description="The JSON Schema dialect.")
+    title: Literal["AnalysisV1"] = Field(description="The described model.")
+    type: Literal["object"] = Field(description="Always `object`.")
+    description: str = Field(description="What the model is.")
+    properties: dict[str, Any] = Field(description="The analysis' fields.")
+    required: list[str] = Field(description="Fields always present.")
+    defs: dict[str, Any] = Field(alias="$defs", description="The nested models.")
+
+
+class SchemaJSONResponse(JSONResponse):
+    """JSON Schema's own media type; the body is the committed file's bytes, sent as they are."""
+
+    media_type = "application/schema+json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else super().render(content)
 
 
 @router.get(
     "/schema",
-    summary="JSON Schema of the v1 analysis",
-    response_class=Response,
-    responses={
-        200: {"description": "A JSON Schema.", "content": {"application/schema+json": {"schema": {"type": "object"}}}}
-    },
+    tags=[Tag.SCHEMA],
+    summary="Get the JSON Schema of the v1 analysis",
+    response_model=JsonSchemaDocument,
+    response_class=SchemaJSONResponse,
 )
-async def schema() -> Response:
-    """The committed schema file, byte for byte (the same as ``app/schema/v1.schema.json``)."""
+async def get_schema() -> Response:
+    """The committed schema file, byte for byte (`app/schema/v1.schema.json`). No key needed.
+    Additive changes keep `schema_version` "1"; a breaking change would be published as `/v2`."""
     data = resources.files("app.schema").joinpath("v1.schema.json").read_bytes()
-    return Response(data, media_type="application/schema+json")
+    return SchemaJSONResponse(data)

@@ -26,6 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from app.schema.labels import LIST, TENCENT, labels
 
 SCHEMA_VERSION: Final = "1"
+#: ailabapi's side limits (``app.upstream.contract``, which the light client may not import;
+#: ``tests/unit/schema/test_v1.py`` checks they agree): every answered image passed them.
+MIN_SIDE_EXCLUSIVE: Final = 32
+MAX_SIDE_EXCLUSIVE: Final = 4096
 
 Provider = Literal["ailabapi", "simulator"]
 UpstreamShape = Literal["tencent", "list"]
@@ -237,11 +241,14 @@ class Face(BaseModel):
 class ImageInfo(BaseModel):
     """The image as facegate received and checked it (not as ailabapi reported it)."""
 
-    sha256: str = Field(description="SHA-256 of the image bytes, lowercase hex.")
-    width: int = Field(description="Width, px.")
-    height: int = Field(description="Height, px.")
+    sha256: str = Field(
+        description="SHA-256 of the image bytes, lowercase hex (`GET /v1/faces/analyses/{sha256}` reads it again).",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    width: int = Field(description="Width, px.", gt=MIN_SIDE_EXCLUSIVE, lt=MAX_SIDE_EXCLUSIVE)
+    height: int = Field(description="Height, px.", gt=MIN_SIDE_EXCLUSIVE, lt=MAX_SIDE_EXCLUSIVE)
     format: ImageFormat = Field(description="Detected from the bytes, not from file name or Content-Type.")
-    bytes: int = Field(description="Size of the image, bytes.")
+    bytes: int = Field(description="Size of the image, bytes.", ge=1)
 
 
 class Source(BaseModel):

@@ -138,7 +138,8 @@ def test_schema_endpoint_serves_the_committed_file(gateway: Gateway) -> None:
 def test_openapi_documents_both_routes_with_examples(gateway: Gateway) -> None:
     spec = httpx.get(gateway.url + "/openapi.json").json()
     analyze = spec["paths"]["/v1/faces/analyze"]["post"]
-    assert "multipart/form-data" in analyze["requestBody"]["content"]
+    assert analyze["requestBody"] == {"$ref": "#/components/requestBodies/ImageUpload"}
+    assert "multipart/form-data" in spec["components"]["requestBodies"]["ImageUpload"]["content"]
     assert "422" in analyze["responses"] and "429" in analyze["responses"]
     assert contract.ANALYZE_PATH in spec["paths"]
     assert spec["components"]["schemas"]["AnalysisV1"].get("examples") or spec["components"]["schemas"][

@@ -45,6 +45,12 @@ def test_no_breaking_change_since_first_publication() -> None:
     assert problems == [], "schema v1 changed incompatibly (make it additive, or publish /v2):\n" + "\n".join(problems)
 
 
+def test_image_limits_are_the_upstream_contracts() -> None:
+    from app.upstream import contract
+
+    assert (v1.MIN_SIDE_EXCLUSIVE, v1.MAX_SIDE_EXCLUSIVE) == (contract.MIN_SIDE_EXCLUSIVE, contract.MAX_SIDE_EXCLUSIVE)
+
+
 def test_the_example_is_a_valid_analysis() -> None:
     [example] = v1.json_schema()["examples"]
     assert v1.AnalysisV1.model_validate(example).model_dump(mode="json") == example
