@@ -10,8 +10,10 @@ The path of one analyze request, and the module for each step::
       cache.py            2. the cache, addressed by the image's SHA-256 (entry.py: what is stored)
       singleflight.py     3. join an identical call already in flight, here or on another replica
       limits/             4. rate limit + quota reservation, one atomic step (GCRA, windows, Lua)
-      upstream/           5. the paid call: resilience.py (breaker, retries) → guard.py (global
-                             limits) → ailabapi.py (one attempt); contract.py: what ailabapi is
+      upstream/           5. the paid call: resilience.py (breaker, retries, key failover) →
+                             pool/ (a slot on one key, granted fairly across tenants and replicas;
+                             key health and balances) → ailabapi.py (one attempt); keys.py: the
+                             keys file; contract.py: what ailabapi is
     schema/             6. both upstream answer shapes → the v1 JSON schema
     api/responses.py    the answer, or a problem (problem+json, or ailabapi's envelope)
 

@@ -1,4 +1,4 @@
-"""``facegate``: serve | sim | check | keys | usage | purge | analyze.
+"""``facegate``: serve | sim | check | keys | upstream | usage | purge | analyze.
 
 Configuration errors end the command with one line on stderr and exit code 2 —
 never a traceback, never a secret.
@@ -163,6 +163,7 @@ def _multiprocess_metrics_dir() -> None:
 def cmd_check(args: argparse.Namespace) -> None:
     settings = load_settings()
     ok = True
+    registry: TenantRegistry | None = None
     print(json.dumps(settings.masked(), indent=2, sort_keys=True))
     try:
         registry = TenantRegistry.load(settings.tenants_file)
@@ -174,8 +175,42 @@ def cmd_check(args: argparse.Namespace) -> None:
             print(f"tenants: {exc}", file=sys.stderr)
             ok = False
     print("upstream: " + ("SANDBOX (simulator)" if settings.sandbox else settings.upstream_url))
+    if not settings.sandbox:
+        ok = _check_keys(settings, registry) and ok
     if not ok:
         raise SystemExit(1)
+
+
+def _check_keys(settings: Settings, registry: TenantRegistry | None) -> bool:
+    """The key pool (names and limits only) and every tenant's own key naming a key of it."""
+    from app.pool_report import describe_spec, pool_spec
+    from app.upstream.keys import KeysFileError
+
+    try:
+        spec = pool_spec(settings)
+    except KeysFileError as exc:
+        print(f"upstream keys: {exc}", file=sys.stderr)
+        return False
+    for line in describe_spec(spec):
+        print(line)
+    ok = True
+    if not any(k.shared for k in spec.keys):
+        print("upstream keys: warning: every key is dedicated; tenants without upstream_key get 503", file=sys.stderr)
+    for tenant in registry.tenants.values() if registry is not None else ():
+        own = tenant.upstream.upstream_key
+        if own is None:
+            continue
+        found = spec.get(own)
+        if found is None:
+            print(f"tenants: {tenant.name}: upstream_key {own!r} is not a key of the pool", file=sys.stderr)
+            ok = False
+        elif found.shared:
+            print(
+                f"tenants: {tenant.name}: warning: upstream_key {own!r} is a {found.tier} key that other tenants "
+                'use too (make it tier = "dedicated" to keep it for this tenant)',
+                file=sys.stderr,
+            )
+    return ok
 
 
 def cmd_keys_create(args: argparse.Namespace) -> None:
@@ -203,6 +238,13 @@ def cmd_sim(args: argparse.Namespace) -> None:
     if args.faces:
         argv += ["--faces", args.faces]
     sim.main(argv)
+
+
+def cmd_upstream_status(args: argparse.Namespace) -> None:
+    from app.pool_report import print_status
+
+    settings = load_settings()
+    asyncio.run(print_status(settings, as_json=args.json))
 
 
 def cmd_usage(args: argparse.Namespace) -> None:
@@ -486,6 +528,14 @@ def parser() -> argparse.ArgumentParser:
     purge.add_argument("--tenant", help="the tenant whose cached data goes (alone: all of it)")
     purge.add_argument("--sha256", help="the image's SHA-256 (alone: in every tenant's scope and the shared one)")
     purge.set_defaults(func=cmd_purge)
+
+    upstream = sub.add_parser("upstream", help="the pool of ailabapi keys")
+    upstream_sub = upstream.add_subparsers(dest="upstream_command", required=True)
+    status = upstream_sub.add_parser(
+        "status", help="each key's state, calls in flight, cooldown and balance, and the queue (reads Redis)"
+    )
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_upstream_status)
 
     usage = sub.add_parser(
         "usage", help="print tenants' limits and usage, or with --from/--to their history per UTC day (reads Redis)"

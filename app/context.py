@@ -63,5 +63,7 @@ class RequestContext:
     upstream_attempts: int = 0
     #: This request's own upstream call: billed by ailabapi (True) or not (False); None = no call.
     billed: bool | None = None
+    upstream_key: str | None = None  # the pool key's name (never the secret)
+    queue_s: float | None = None  # time waited for an upstream slot
     image_bytes: int | None = None
     outcome: str | None = None

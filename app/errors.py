@@ -53,6 +53,10 @@ CATALOGUE: Final[dict[str, ErrorSpec]] = {
     "upstream_error": ErrorSpec(502, "The upstream failed", 502, "ERROR_GATEWAY"),
     "upstream_credits": ErrorSpec(503, "The upstream account is out of credits", 503, "ERROR_INSUFFICIENT_RESOURCES"),
     "upstream_unavailable": ErrorSpec(503, "The upstream is unavailable", 503, "AI_SERVICE_FLOW_RESTRICTION"),
+    "upstream_share_exceeded": ErrorSpec(429, "This tenant's share of the upstream is full", 429, "EXCEEDING_LIMITS"),
+    "upstream_keys_unavailable": ErrorSpec(
+        503, "No upstream key is usable right now", 503, "ERROR_INSUFFICIENT_RESOURCES"
+    ),
     "overloaded": ErrorSpec(503, "The gateway is overloaded", 503, "ERROR_INSUFFICIENT_RESOURCES"),
     "cache_unavailable": ErrorSpec(503, "The cache is unavailable", 503, "ERROR_RESOURCE_UNAVAILABLE"),
     "quota_unavailable": ErrorSpec(503, "Quota accounting is unavailable", 503, "ERROR_RESOURCE_UNAVAILABLE"),

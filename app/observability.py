@@ -22,6 +22,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from app.upstream import contract
+from app.upstream.pool.base import KEY_STATES, PoolView
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BREAKER_VALUES: Final = {"closed": 0, "half_open": 1, "open": 2}
@@ -128,6 +129,85 @@ class Metrics:
         )
         #: (tenant, window) -> (limit, remaining, wall-clock time the window resets)
         self._quotas: dict[tuple[str, str], tuple[int, int, float]] = {}
+        self._pool_metrics(r)
+
+    # --- the upstream key pool and its fair queue (README "Upstream keys and fairness") -------
+
+    def _pool_metrics(self, r: CollectorRegistry) -> None:
+        self.queue_wait = Histogram(
+            "facegate_upstream_queue_wait_seconds",
+            "Time a call waited for an upstream slot (granted calls), by tenant and priority.",
+            ["tenant", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_refusals = Counter(
+            "facegate_upstream_queue_refusals",
+            "Calls refused a slot: tenant (its share is full, 429), full, late, timeout, nokey (503).",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "facegate_upstream_queue_depth",
+            "Calls waiting for an upstream slot, all replicas together (as last seen by this one).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.key_calls = Counter(
+            "facegate_upstream_key_calls",
+            "Attempts at ailabapi by pool key and outcome (ok, an ailabapi code, timeout, connect...).",
+            ["key", "outcome"],
+            registry=r,
+        )
+        self.key_state = Gauge(
+            "facegate_upstream_key_state",
+            "1 for the state each pool key is in (ok, low, cooling, exhausted, disabled), else 0.",
+            ["key", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.key_in_flight = Gauge(
+            "facegate_upstream_key_in_flight",
+            "Calls in flight on each pool key, all replicas together.",
+            ["key"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.key_credits = Gauge(
+            "facegate_upstream_key_credits",
+            "Last credit balance read for each pool key.",
+            ["key"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.key_credits_low = Gauge(
+            "facegate_upstream_key_credits_low",
+            "1 when a pool key's balance is below its low_credits mark.",
+            ["key"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.keys_usable = Gauge(
+            "facegate_upstream_keys_usable",
+            "Shared pool keys that can take calls now (ok or low); 0 = every shared call gets 503.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+
+    def pool_view(self, view: PoolView) -> None:
+        """Refresh the per-key gauges from the pool's shared state."""
+        usable = 0
+        for key in view.keys:
+            for state in KEY_STATES:
+                self.key_state.labels(key.name, state).set(1 if key.state == state else 0)
+            self.key_in_flight.labels(key.name).set(key.in_flight)
+            if key.balance is not None:
+                self.key_credits.labels(key.name).set(key.balance)
+                self.key_credits_low.labels(key.name).set(1 if key.balance < key.low_credits else 0)
+            if key.tier != "dedicated" and key.state in ("ok", "low"):
+                usable += 1
+        self.keys_usable.set(usable)
+        self.queue_depth.set(view.waiting)
 
     def request_done(
         self,

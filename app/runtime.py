@@ -32,8 +32,11 @@ from app.service import AnalyzeService, ServiceConfig
 from app.settings import Settings
 from app.singleflight import Coordinator, LocalCoordinator, RedisCoordinator
 from app.tenants import Limits, Tenant, TenantRegistry, TenantsFileError, TenantStore, hash_key
-from app.upstream.ailabapi import AilabapiClient
-from app.upstream.guard import Guard, LocalGuard, RedisGuard
+from app.upstream.ailabapi import KeyedClients
+from app.upstream.keys import KeysFileError, KeysStore, PoolSpec
+from app.upstream.pool import Caller, Hooks, MemoryPool, PoolSettings, RedisPool
+from app.upstream.pool.credits import CreditsWatcher, recheck_s
+from app.upstream.pool.front import PoolFront
 from app.upstream.resilience import CircuitBreaker, ResilientUpstream, RetryPolicy
 
 log = logging.getLogger("facegate")
@@ -54,12 +57,23 @@ class Runtime:
     intake: IntakeLimits
     uploads: UploadGate
     purger: Purger
+    keys: KeysStore
+    pool: PoolFront
     redis: redisconn.RedisClient | None = None
 
+    async def refresh_pool_metrics(self) -> None:
+        """The per-key gauges from the pool's shared state, right before a scrape."""
+        try:
+            async with asyncio.timeout(max(1.0, self.settings.redis_timeout_s * 2)):
+                self.metrics.pool_view(await self.pool.snapshot())
+        except Exception as exc:  # Redis down or slow: the scrape shows the last values
+            log.debug("pool gauges not refreshed (%s)", type(exc).__name__)
+
     async def readiness(self) -> dict[str, str]:
+        configured = self.settings.upstream_api_key or self.settings.upstream_keys_file or self.settings.sandbox
         checks = {
             "tenants": "ok" if len(self.tenants.registry) else "no tenants configured",
-            "upstream_config": "ok" if self.settings.upstream_api_key or self.settings.sandbox else "no upstream key",
+            "upstream_config": "ok" if configured else "no upstream key",
         }
         if self.redis is not None:
             try:
@@ -89,15 +103,55 @@ def load_tenants(
         raise StartupError(str(exc)) from None
 
 
+def load_keys(settings: Settings, sandbox_key: str | None = None) -> KeysStore:
+    """The key pool: the keys file, or FACEGATE_UPSTREAM_API_KEY as a pool of one (the simulator's in sandbox)."""
+    qps, conc = settings.upstream_qps, settings.upstream_max_concurrency
+    path = settings.upstream_keys_file
+    if path is not None:
+        try:
+            spec = PoolSpec.load(path, default_qps=qps, default_concurrency=conc)
+        except KeysFileError as exc:
+            raise StartupError(str(exc)) from None
+        return KeysStore(spec, path, default_qps=qps, default_concurrency=conc)
+    secret = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else sandbox_key
+    spec = PoolSpec.single(secret or "unset", qps=qps, max_concurrency=conc)
+    return KeysStore(spec, None, default_qps=qps, default_concurrency=conc)
+
+
+def pool_settings(settings: Settings) -> PoolSettings:
+    return PoolSettings(
+        lease_s=settings.upstream_lease_s,
+        queue_max=settings.upstream_queue_max,
+        queue_per_tenant=settings.upstream_queue_per_tenant,
+        cooldown_s=settings.upstream_cooldown_s,
+        recheck_s=recheck_s(settings.upstream_credits_poll_s),
+    )
+
+
+def pool_hooks(metrics: Metrics) -> Hooks:
+    def waited(caller: Caller, seconds: float) -> None:
+        metrics.queue_wait.labels(caller.tenant, caller.priority).observe(seconds)
+
+    def refused(caller: Caller, reason: str) -> None:
+        metrics.queue_refusals.labels(caller.tenant, reason).inc()
+
+    return Hooks(waited=waited, refused=refused, depth=metrics.queue_depth.set)
+
+
 async def backends(
-    settings: Settings, metrics: Metrics
-) -> tuple[redisconn.RedisClient | None, CacheBackend, Limiter, Coordinator, Guard]:
+    settings: Settings, metrics: Metrics, keys: KeysStore | None = None
+) -> tuple[redisconn.RedisClient | None, CacheBackend, Limiter, Coordinator, PoolFront]:
     """Redis-backed when FACEGATE_REDIS_URL is set, in-memory otherwise — chosen once, here."""
     memory = MemoryCache(settings.cache_memory_max_bytes)
-    local_guard = LocalGuard(settings.upstream_qps, settings.upstream_max_concurrency)
+    keys = keys or load_keys(settings)
+
+    def spec() -> PoolSpec:
+        return keys.spec
+
     if not settings.redis_url:
         log.warning("FACEGATE_REDIS_URL is not set: in-memory cache and quotas (exact for ONE process only)")
-        return None, memory, MemoryLimiter(), LocalCoordinator(), local_guard
+        pool = MemoryPool(spec, pool_settings(settings), pool_hooks(metrics))
+        return None, memory, MemoryLimiter(), LocalCoordinator(), pool
     client = redisconn.connect(settings)
     if not await redisconn.warm(client, min(settings.max_uploads_in_flight, 64)):
         log.warning("redis at start: not answering; continuing without it until it does (fail open)")
@@ -114,18 +168,14 @@ async def backends(
     prefix = settings.redis_prefix
     coordinator = RedisCoordinator(client, health(), prefix, settings.singleflight_lock_ttl_s)
     coordinator.start()
-    guard = RedisGuard(
-        client,
-        health(),
-        prefix,
-        qps=settings.upstream_qps,
-        max_concurrency=settings.upstream_max_concurrency,
-        lease_s=settings.upstream_timeout_s + 5,
+    redis_pool = RedisPool(
+        client, health(), prefix, spec=spec, settings=pool_settings(settings), hooks=pool_hooks(metrics)
     )
+    redis_pool.start()
     # The local tier is small: it spares Redis round trips on hot images, Redis holds the rest.
     local = MemoryCache(min(settings.cache_memory_max_bytes, 16 * 1024 * 1024))
     cache = TieredCache(local, RedisCache(client, health(), prefix, on_error=metrics.cache_errors.inc))
-    return client, cache, RedisLimiter(client, health(), prefix), coordinator, guard
+    return client, cache, RedisLimiter(client, health(), prefix), coordinator, redis_pool
 
 
 def purge_backends(client: redisconn.RedisClient | None, settings: Settings) -> tuple[CacheIndex, Invalidator]:
@@ -142,23 +192,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     closers: list[Any] = []
     upstream_url = settings.upstream_url
-    api_key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
-    if api_key is None:
+    sandbox_key = None
+    if settings.sandbox:
         from app import sim
 
-        sim_key = "sandbox-" + uuid.uuid4().hex
-        handle = await sim.start_background("127.0.0.1", 0, sim.SimConfig(api_keys=[sim_key]))
+        sandbox_key = "sandbox-" + uuid.uuid4().hex
+        handle = await sim.start_background("127.0.0.1", 0, sim.SimConfig(api_keys=[sandbox_key]))
         closers.append(handle.stop)
-        upstream_url, api_key = handle.url, sim_key
+        upstream_url = handle.url
         log.warning("SANDBOX: no FACEGATE_UPSTREAM_API_KEY, answers come from the built-in simulator at %s", handle.url)
     tenants = load_tenants(settings, app.state.demo_key, metrics.tenants_reloaded)
-    redis_client, cache, limiter, coordinator, guard = await backends(settings, metrics)
+    keys = load_keys(settings, sandbox_key)
+    redis_client, cache, limiter, coordinator, pool = await backends(settings, metrics, keys)
     index, invalidator = purge_backends(redis_client, settings)
+    connections = max(settings.upstream_max_concurrency, sum(k.max_concurrency for k in keys.spec.keys))
     http = httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=settings.upstream_max_concurrency * 2,
-            max_keepalive_connections=settings.upstream_max_concurrency,
-        ),
+        limits=httpx.Limits(max_connections=connections * 2, max_keepalive_connections=connections),
         follow_redirects=False,
         # Proxy (and CA) variables only for an https upstream: through a CONNECT tunnel the key
         # stays end-to-end encrypted to the configured origin; a plain-http upstream (the
@@ -174,20 +223,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rate_window_calls=settings.breaker_window,
     )
 
+    clients = KeyedClients(
+        http,
+        lambda: {k.name: k.secret.reveal() for k in keys.spec.keys},
+        base_url=upstream_url,
+        connect_timeout_s=settings.upstream_connect_timeout_s,
+        billed_error_codes=frozenset(settings.upstream_billed_error_codes),
+    )
+
+    async def read_balance(name: str) -> float | None:
+        try:
+            client = clients(name)
+        except KeyError:
+            return None
+        return await client.query_credits(timeout_s=min(10.0, settings.upstream_timeout_s))
+
+    credits = CreditsWatcher(pool, read_balance, every_s=settings.upstream_credits_poll_s, on_view=metrics.pool_view)
     upstream = ResilientUpstream(
-        AilabapiClient(
-            http,
-            base_url=upstream_url,
-            api_key=api_key,
-            connect_timeout_s=settings.upstream_connect_timeout_s,
-            billed_error_codes=frozenset(settings.upstream_billed_error_codes),
-        ),
-        guard=guard,
+        pool=pool,
+        clients=clients,
         breaker=breaker,
         policy=RetryPolicy(settings.upstream_retries),
         timeout_s=settings.upstream_timeout_s,
         queue_timeout_s=settings.upstream_queue_timeout_s,
         on_attempt=metrics.upstream_attempt,
+        on_key_call=lambda key, outcome: metrics.key_calls.labels(key, outcome).inc(),
+        on_exhausted=credits.nudge,
     )
     service = AnalyzeService(
         config=ServiceConfig(
@@ -228,11 +289,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.max_uploads_in_flight, settings.max_uploads_per_tenant, on_change=metrics.uploads_in_flight.set
         ),
         purger=Purger(cache, index, invalidator),
+        keys=keys,
+        pool=pool,
         redis=redis_client,
     )
     app.state.runtime = rt
-    watcher = asyncio.get_running_loop().create_task(_watch_tenants(tenants))
-    _install_sighup(tenants)
+    watcher = asyncio.get_running_loop().create_task(_watch_tenants(tenants, keys, pool))
+    # The first balances before the first request (bounded: a slow ailabapi must not hold up the start).
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2.0):
+            await credits.tick()
+    credits.start()
+    _install_sighup(tenants, keys, pool)
     log.info(
         "facegate %s ready: %d tenant(s), upstream %s",
         __version__,
@@ -248,13 +316,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # uvicorn already gave requests the grace period; flights left now lost their
         # requesters (cut off or disconnected): a short wait, then they are cancelled and refunded.
         await service.drain(min(settings.shutdown_grace_s, 5.0))
+        await credits.close()
         await http.aclose()
         for close in (
             invalidator.close,
             coordinator.close,
             limiter.close,
             cache.close,
-            guard.close,
+            pool.close,
             *reversed(closers),
         ):
             with contextlib.suppress(Exception):
@@ -263,16 +332,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await redis_client.aclose()
 
 
-async def _watch_tenants(store: TenantStore, every_s: float = 1.0) -> None:
-    """Poll the tenants file's stamp: cheap, and works on every filesystem and in ConfigMaps."""
+async def _watch_tenants(store: TenantStore, keys: KeysStore, pool: PoolFront, every_s: float = 1.0) -> None:
+    """Poll the tenants and keys files' stamps: cheap, and works on every filesystem and in ConfigMaps."""
     while True:
         await asyncio.sleep(every_s)
         store.reload()  # counted (ok or error) through the store's on_reload
+        if keys.reload():
+            await keys_reloaded(keys, pool)
 
 
-def _install_sighup(store: TenantStore) -> None:
+async def keys_reloaded(keys: KeysStore, pool: PoolFront) -> None:
+    """A changed keys file: keys disabled because ailabapi refused them get another chance."""
+    try:
+        await pool.keys_reloaded()
+    except Exception as exc:  # Redis down: the keys still reload; disabled marks stay until the next change
+        log.warning("keys file reloaded, but disabled keys could not be re-enabled (%s)", type(exc).__name__)
+
+
+def _install_sighup(store: TenantStore, keys: KeysStore, pool: PoolFront) -> None:
     def reload() -> None:
         store.reload(force=True)
+        if keys.reload(force=True):
+            asyncio.get_running_loop().create_task(keys_reloaded(keys, pool))
 
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)

@@ -32,6 +32,7 @@ from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewin
 from app.tenants import Tenant
 from app.upstream.ailabapi import ImagePayload, UpstreamAnswer, UpstreamFailure
 from app.upstream.contract import Kind
+from app.upstream.pool import Caller
 from app.upstream.resilience import CallReport, ResilientUpstream
 
 log = logging.getLogger("facegate.service")
@@ -41,6 +42,7 @@ log = logging.getLogger("facegate.service")
 class AnalyzeOptions:
     no_cache: bool = False  # a forced analysis: skip the lookup (a billable call), still store
     no_store: bool = False  # do not store the answer
+    batch: bool = False  # the request lowered its own priority (RFC 9218 ``Priority: u>3``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +62,17 @@ class _FlightResult:
     stored: bool
     attempts: int
     upstream_s: float | None
+    key: str | None = None  # the pool key that paid (a name)
+    queued_s: float | None = None
+
+
+def caller_of(tenant: Tenant, opts: AnalyzeOptions) -> Caller:
+    """How this request queues for the upstream: the tenant's share and key; batch if either says so."""
+    share = tenant.upstream
+    batch = opts.batch or share.priority == "batch"
+    return Caller(
+        tenant.name, share.share, "batch" if batch else "interactive", share.upstream_key, share.upstream_fallback
+    )
 
 
 class AnalyzeService:
@@ -144,6 +157,8 @@ class AnalyzeService:
             raise Problem("upstream_timeout", "the analysis did not finish in time") from None
         ctx.upstream_attempts = result.attempts
         ctx.upstream_s = result.upstream_s
+        ctx.upstream_key = result.key
+        ctx.queue_s = result.queued_s
         if result.how == "fresh":
             ctx.cache = CacheStatus(hit=False, fwd=fwd, stored=result.stored)
         else:  # another replica answered it while we held the lead locally
@@ -372,7 +387,7 @@ class AnalyzeService:
             payload = ImagePayload(upload.filename, upload.body.content(), upload.mime)
             try:
                 async with renewing(lambda: self._renew(lease), self.config.lock_ttl_s / 3):
-                    answer = await self.upstream.call(payload, report)
+                    answer = await self.upstream.call(payload, report, caller_of(tenant, opts))
                 entry = self._entry(answer, upload)
             except UpstreamFailure as failure:
                 await settle(failure.billed)
@@ -398,7 +413,9 @@ class AnalyzeService:
                 self._release(lease, Outcome("done", data)),
             )
             lease = None
-            return _FlightResult(entry, "fresh", was_stored, report.attempts, report.upstream_s)
+            return _FlightResult(
+                entry, "fresh", was_stored, report.attempts, report.upstream_s, report.key, report.queued_s
+            )
         except BaseException:
             await settle(False)
             if lease is not None:

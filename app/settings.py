@@ -59,7 +59,21 @@ class Settings(BaseSettings):
         contract.DEFAULT_QPS, gt=0, description="Calls per second to ailabapi, all replicas together."
     )
     upstream_queue_timeout_s: float = Field(
-        10.0, ge=0, description="How long a call may wait for the upstream guard before 503."
+        10.0, ge=0, description="How long a call may wait for an upstream slot before 503."
+    )
+    upstream_keys_file: Path | None = Field(
+        None, description="A pool of named ailabapi keys (TOML); replaces FACEGATE_UPSTREAM_API_KEY."
+    )
+    upstream_lease_s: float = Field(
+        5.0, gt=0, le=300, description="Lease of a held slot or queue place, renewed by its replica."
+    )
+    upstream_queue_max: int = Field(1000, ge=1, description="Calls waiting for the upstream, all tenants together.")
+    upstream_queue_per_tenant: int = Field(200, ge=1, description="Calls one tenant may have waiting; more → 429.")
+    upstream_cooldown_s: float = Field(
+        1.0, gt=0, le=3600, description="How long a throttled key rests when ailabapi sends no Retry-After."
+    )
+    upstream_credits_poll_s: float = Field(
+        600.0, ge=0.1, description="How often each key's balance is read (exhausted keys: every min(60 s, this))."
     )
     upstream_retries: int = Field(
         2, ge=0, le=10, description="Extra attempts for retryable failures, within the deadline."
@@ -145,6 +159,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _key_file(self) -> Settings:
+        if self.upstream_keys_file is not None and (
+            self.upstream_api_key is not None or self.upstream_api_key_file is not None
+        ):
+            raise ValueError(
+                "upstream_keys_file: set FACEGATE_UPSTREAM_KEYS_FILE or FACEGATE_UPSTREAM_API_KEY[_FILE], not both"
+            )
         if self.upstream_api_key_file is not None and self.upstream_api_key is None:
             try:
                 text = self.upstream_api_key_file.read_text(encoding="utf-8").strip()
@@ -158,7 +178,7 @@ class Settings(BaseSettings):
     @property
     def sandbox(self) -> bool:
         """No ailabapi key → answers come from the embedded simulator, never the paid API."""
-        return self.upstream_api_key is None
+        return self.upstream_api_key is None and self.upstream_keys_file is None
 
     def masked(self) -> dict[str, object]:
         """The effective configuration for ``facegate check``, secrets shown as ``**********``."""

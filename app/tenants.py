@@ -19,7 +19,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from app.audit import audit
 from app.policy import DEFAULT_POLICY, POLICY_FIELDS, Policy, PolicyError, parse_policy
@@ -40,6 +40,9 @@ MIN_RATE: Final = 0.001
 MAX_RATE: Final = 1_000_000.0
 MAX_BURST: Final = 1_000_000
 UNLIMITED: Final = "unlimited"
+#: How a tenant shares the upstream (``[defaults]`` or ``[tenants.NAME]``): see :class:`UpstreamShare`.
+UPSTREAM_FIELDS: Final = frozenset({"share", "priority", "upstream_key", "upstream_fallback"})
+MAX_SHARE: Final = 1000.0
 
 
 class TenantsFileError(ValueError):
@@ -56,12 +59,34 @@ class Limits:
     monthly_quota: int | None
 
 
+Priority = Literal["interactive", "batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamShare:
+    """How a tenant shares the upstream with the others (issue 13).
+
+    ``share``: its weight when calls queue for the upstream (2 = twice the calls of a tenant
+    with 1, when both have calls waiting); ``priority``: ``batch`` calls weigh a quarter of
+    ``interactive`` ones; ``upstream_key``: the pool key this tenant's calls are billed to
+    (its own ailabapi account) instead of the shared keys; ``upstream_fallback``: whether
+    they may use the shared keys while that key is unusable.
+    """
+
+    share: float = 1.0
+    priority: Priority = "interactive"
+    upstream_key: str | None = None
+    upstream_fallback: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     limits: Limits
     #: Retention and field policy (``app/policy.py``): store, omit, cache_ttl_s, max_age_s, allow_force.
     policy: Policy = DEFAULT_POLICY
+    #: How it shares the upstream with the others (share, priority, its own key): see UpstreamShare.
+    upstream: UpstreamShare = UpstreamShare()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +162,13 @@ class TenantRegistry:
             # A typo like [tenant.x] would otherwise silently leave every tenant out.
             raise TenantsFileError(f"unknown top-level setting(s) {', '.join(sorted(unknown_tables))}")
         raw_defaults = data.get("defaults", {})
-        if isinstance(raw_defaults, dict) and set(raw_defaults) - set(DEFAULT_LIMITS) - POLICY_FIELDS:
-            extra = sorted(set(raw_defaults) - set(DEFAULT_LIMITS) - POLICY_FIELDS)
+        allowed_defaults = set(DEFAULT_LIMITS) | POLICY_FIELDS | UPSTREAM_FIELDS
+        if isinstance(raw_defaults, dict) and set(raw_defaults) - allowed_defaults:
+            extra = sorted(set(raw_defaults) - allowed_defaults)
             raise TenantsFileError(f"[defaults]: unknown setting(s) {', '.join(extra)}")
         defaults = _limits(dict(DEFAULT_LIMITS), raw_defaults, "defaults")
         default_policy = _policy(raw_defaults, DEFAULT_POLICY, "defaults")
+        upstream_defaults = _upstream(UpstreamShare(), raw_defaults, "defaults")
         tenants_table = data.get("tenants", {})
         if not isinstance(tenants_table, dict):
             raise TenantsFileError("[tenants] must be a table of tenants")
@@ -152,7 +179,7 @@ class TenantRegistry:
                 raise TenantsFileError(f"tenant name {name!r}: use 1-64 letters, digits, '_' or '-'")
             if not isinstance(table, dict):
                 raise TenantsFileError(f"[tenants.{name}] must be a table")
-            unknown = set(table) - {"key_sha256", "disabled", *DEFAULT_LIMITS, *POLICY_FIELDS}
+            unknown = set(table) - {"key_sha256", "disabled", *DEFAULT_LIMITS, *POLICY_FIELDS, *UPSTREAM_FIELDS}
             if unknown:
                 raise TenantsFileError(f"[tenants.{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
             hashes = table.get("key_sha256", [])
@@ -164,7 +191,10 @@ class TenantRegistry:
                 continue
             where = f"tenants.{name}"
             tenants[name] = Tenant(
-                name, _limits(_as_dict(defaults), table, where), _policy(table, default_policy, where)
+                name,
+                _limits(_as_dict(defaults), table, where),
+                _policy(table, default_policy, where),
+                _upstream(upstream_defaults, table, where),
             )
             for digest in hashes:
                 if not isinstance(digest, str) or not _HEX64.match(digest.lower()):
@@ -256,6 +286,24 @@ def _limits(base: dict[str, Any], table: Any, where: str) -> Limits:
     if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
         raise TenantsFileError(f"[{where}] burst must be an integer from 1 to {MAX_BURST}")
     return Limits(float(rate), burst, _quota(merged["daily_quota"], where), _quota(merged["monthly_quota"], where))
+
+
+def _upstream(base: UpstreamShare, table: Any, where: str) -> UpstreamShare:
+    if not isinstance(table, dict):
+        raise TenantsFileError(f"[{where}] must be a table")
+    share = table.get("share", base.share)
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= MAX_SHARE:
+        raise TenantsFileError(f"[{where}] share must be a number above 0 and at most {MAX_SHARE:g}")
+    priority = table.get("priority", base.priority)
+    if priority not in ("interactive", "batch"):
+        raise TenantsFileError(f'[{where}] priority must be "interactive" or "batch"')
+    key = table.get("upstream_key", base.upstream_key)
+    if key is not None and (not isinstance(key, str) or not _NAME.match(key)):
+        raise TenantsFileError(f"[{where}] upstream_key must name a key of the keys file")
+    fallback = table.get("upstream_fallback", base.upstream_fallback)
+    if not isinstance(fallback, bool):
+        raise TenantsFileError(f"[{where}] upstream_fallback must be true or false")
+    return UpstreamShare(float(share), priority, key, fallback)
 
 
 def _quota(value: Any, where: str) -> int | None:

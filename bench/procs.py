@@ -161,6 +161,17 @@ class Sim:
     def calls(self) -> int:
         return int(self.stats()["calls"])
 
+    def limits(self, **limits: Any) -> None:
+        httpx.post(self.url + "/_sim/limits", json=limits, timeout=5).raise_for_status()
+
+    def accounts(self, balances: dict[str, float | None] | None = None) -> dict[str, Any]:
+        """Set key balances (adding keys) when given; every key's balance and counters."""
+        if balances:
+            body = {"keys": {k: {"balance": v} for k, v in balances.items()}}
+            httpx.post(self.url + "/_sim/keys", json=body, timeout=5).raise_for_status()
+        data: dict[str, Any] = httpx.get(self.url + "/_sim/keys", timeout=5).json()
+        return data
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -196,6 +207,8 @@ def gateway_env(
         "FACEGATE_REDIS_PREFIX": prefix or new_prefix(),
     }
     env.update(extra or {})
+    if env.get("FACEGATE_UPSTREAM_KEYS_FILE"):  # a key pool replaces the single key
+        del env["FACEGATE_UPSTREAM_API_KEY"]
     return env
 
 

@@ -198,3 +198,38 @@ async def get_tenant_usage(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDe
         raise Problem("quota_unavailable", "usage counters are unavailable right now", retry_after=5) from None
     audit("admin.usage.read", actor=actor(operator.name), request_id=ctx.request_id, tenant=tenant)
     return json_response(usage_dict(report))
+
+
+class UpstreamKeyModel(BaseModel):
+    name: str = Field(description="The key's name in the keys file (never the ailabapi key).")
+    tier: str = Field(description="primary, reserve or dedicated.")
+    state: str = Field(description="ok, low (balance below low_credits), cooling, exhausted or disabled.")
+    in_flight: int = Field(description="Calls on this key right now, all replicas together.")
+    max_concurrency: int
+    qps: float
+    cooldown_until: str | None = Field(description="When a throttled key takes calls again (UTC), if cooling.")
+    balance: float | None = Field(description="The last balance read from ailabapi; null = not read yet.")
+    balance_at: str | None = Field(description="When it was read (UTC).")
+    billed_since_balance: int = Field(description="Calls this key was billed for since that read.")
+    low_credits: float
+    reason: str | None = Field(description="The ailabapi code that last changed its state.")
+
+
+class UpstreamKeysView(BaseModel):
+    keys: list[UpstreamKeyModel]
+    source: str = Field(description="Where the keys come from: the keys file, or FACEGATE_UPSTREAM_API_KEY.")
+    gated: bool = Field(description="Unusable keys are taken out of rotation (false for the single-key setting).")
+    waiting: int = Field(description="Calls waiting for an upstream slot, all replicas together.")
+    waiting_by_tenant: dict[str, int]
+
+
+@router.get("/upstream-keys", summary="The upstream key pool: states, load, balances", response_model=UpstreamKeysView)
+async def upstream_keys(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
+    """Which ailabapi keys exist (by name), their state, calls in flight, cooldown end and last
+    balance, and the fair queue's depth — shared by all replicas. Never the keys themselves."""
+    try:
+        view = await rt.pool.snapshot()
+    except Exception:
+        raise Problem("upstream_unavailable", "the pool's shared state could not be read", retry_after=5) from None
+    audit("admin.upstream_keys.read", actor=actor(operator.name), request_id=ctx.request_id)
+    return json_response(view.as_dict())

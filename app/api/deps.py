@@ -175,7 +175,28 @@ async def cache_options(request: Request, tenant: Annotated[Tenant, Depends(auth
             "force_not_allowed",
             f"{FORCE_HEADER} (a fresh, billable analysis) needs allow_force = true in this tenant's settings",
         )
-    return AnalyzeOptions(no_cache=force, no_store="no-store" in directives)
+    return AnalyzeOptions(
+        no_cache=force,
+        no_store="no-store" in directives,
+        batch=urgency(request.headers.get("priority")) > DEFAULT_URGENCY,
+    )
+
+
+#: RFC 9218: urgency 0 (highest) to 7, default 3. ``Priority: u=4..7`` queues the call as batch.
+DEFAULT_URGENCY = 3
+
+
+def urgency(value: str | None) -> int:
+    """The ``u`` parameter of an RFC 9218 ``Priority`` header (a structured-field dictionary);
+    the default when absent or malformed (a request can only lower its own priority)."""
+    if not value:
+        return DEFAULT_URGENCY
+    for member in value.split(","):
+        name, _, raw = member.strip().partition("=")
+        if name.strip() == "u":
+            raw = raw.split(";", 1)[0].strip()
+            return int(raw) if raw.isdigit() and len(raw) == 1 and int(raw) <= 7 else DEFAULT_URGENCY
+    return DEFAULT_URGENCY
 
 
 async def _runtime(request: Request) -> Runtime:

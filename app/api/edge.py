@@ -211,6 +211,8 @@ class EdgeMiddleware:
                 # Chargeback from the access log alone: one line per billed call, with its tenant.
                 "billed": ctx.billed,
                 "credits": (1 if ctx.billed else 0) if ctx.billed is not None else None,
+                "upstream_key": ctx.upstream_key,
+                "queue_ms": round(ctx.queue_s * 1000, 1) if ctx.queue_s is not None else None,
                 "bytes": ctx.image_bytes,
                 "duration_ms": round(seconds * 1000, 1),
             },

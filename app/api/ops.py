@@ -65,4 +65,5 @@ async def get_readiness(rt: RuntimeDep) -> Response:
 )
 async def get_metrics(rt: RuntimeDep) -> Response:
     """Requests, cache, quota, upstream and breaker series for Prometheus to scrape (docs/operating.md)."""
+    await rt.refresh_pool_metrics()
     return PrometheusResponse(rt.metrics.exposition())

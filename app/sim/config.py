@@ -33,6 +33,8 @@ class SimConfig(BaseSettings):
 
     #: Accepted ``ailabapi-api-key`` values (env: JSON list or comma-separated).
     api_keys: Annotated[list[str], NoDecode] = ["sim-key"]
+    #: Each key's starting credit balance (one credit per billed call; 0 left -> 429 ERROR_NOT_ENOUGH_CREDITS).
+    credits: float = Field(1_000_000.0, ge=0)
     shape: Literal["tencent", "list"] = "tencent"
     latency_ms: int = Field(0, ge=0)
     #: Emulate ailabapi's (unknown) per-key limits; 0 = unlimited. Over -> 429 EXCEEDING_LIMITS.

@@ -1,4 +1,4 @@
-"""The control endpoints (``/healthz``, ``/_sim/stats|reset|faults|limits``) and the 404 answer.
+"""The control endpoints (``/healthz``, ``/_sim/stats|reset|faults|limits|keys``) and the 404 answer.
 
 They need no key: keep the simulator on loopback (docs/simulator.md).
 """
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.sim.faults import FaultPlan, Limits
+from app.sim.faults import FaultPlan, KeyBalances, Limits
 from app.sim.replies import envelope
 from app.sim.state import Sim
 
@@ -29,7 +29,9 @@ def _json(payload: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
-async def _parse(request: Request, model: type[FaultPlan] | type[Limits]) -> FaultPlan | Limits | Response:
+async def _parse(
+    request: Request, model: type[FaultPlan] | type[Limits] | type[KeyBalances]
+) -> FaultPlan | Limits | KeyBalances | Response:
     try:
         return model.model_validate_json(await request.body() or b"{}")
     except ValidationError as exc:
@@ -74,6 +76,19 @@ async def limits(request: Request) -> Response:
         assert isinstance(update, Limits)
         sim.set_limits(update)
     return _json(sim.limits.model_dump())
+
+
+async def keys(request: Request) -> Response:
+    """Accepted keys with their balances and counters; ``POST`` sets balances (adding keys)."""
+    sim = sim_of(request)
+    if request.method == "POST":
+        update = await _parse(request, KeyBalances)
+        if isinstance(update, Response):
+            return update
+        assert isinstance(update, KeyBalances)
+        for key, account in update.keys.items():
+            sim.set_balance(key, account.balance if account.balance is not None else sim.config.credits)
+    return _json({key: account.as_json() for key, account in sim.accounts.items()})
 
 
 async def not_found(request: Request, exc: Exception) -> Response:

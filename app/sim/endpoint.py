@@ -1,4 +1,5 @@
-"""``POST /api/portrait/analysis/face-analyzer-advanced``: key, limits, body, faults, image, answer."""
+"""``POST /api/portrait/analysis/face-analyzer-advanced``: key, credits, limits, body, faults, image,
+answer; and ``GET /api/common/query-credits``, the key's balance."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import uuid
 from typing import Any
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.sim.body import pause, read_image
@@ -17,7 +20,7 @@ from app.sim.faces import detected_faces, faces, list_data, tencent_face
 from app.sim.faults import Fault
 from app.sim.picture import Picture, inspect
 from app.sim.replies import ClientGone, Refusal, Reply, envelope, error_reply, json_reply
-from app.sim.state import Sim
+from app.sim.state import Account, Sim
 from app.upstream import contract
 
 
@@ -35,24 +38,27 @@ class Analyze:
         sim.stats.calls += 1
         sim.stats.in_flight += 1
         sim.stats.max_in_flight = max(sim.stats.max_in_flight, sim.stats.in_flight)
+        headers = Headers(scope=scope)
+        account = sim.account(headers.get(contract.KEY_HEADER))
         try:
             try:
-                reply = await self._answer(Headers(scope=scope), receive)
+                reply = await self._answer(headers, receive, account)
             except Refusal as err:
                 reply = error_reply(err)
             except ClientGone:
                 sim.stats.disconnected += 1
                 return
-            sim.record(reply)
+            sim.record(reply, account)
             await reply.send(send)
         finally:
             sim.stats.in_flight -= 1
 
-    async def _answer(self, headers: Headers, receive: Receive) -> Reply:
+    async def _answer(self, headers: Headers, receive: Receive, account: Account | None) -> Reply:
         sim = self.sim
-        if not sim.key_ok(headers.get(contract.KEY_HEADER)):
+        if account is None:
             raise Refusal("ERROR_USER_NOT_EXISTS")
-        sim.admit()
+        account.calls += 1
+        sim.admit(account)
         try:
             image = await read_image(headers, receive)
             assert image.data is not None
@@ -65,7 +71,7 @@ class Analyze:
                     return reply
             return await self._analyze(image.data, image.sha256, headers, receive)
         finally:
-            sim.admitted -= 1
+            account.in_flight -= 1
 
     async def _fault(self, fault: Fault, receive: Receive) -> Reply | None:
         if fault.mode == "status":
@@ -137,3 +143,30 @@ def _look(data: bytes, detector: YuNet | None) -> tuple[Picture, list[Found] | N
         return picture, None
     found = detector.find(picture.pixels, picture.width, picture.height)
     return dataclasses.replace(picture, pixels=None), found
+
+
+async def query_credits(request: Request) -> Response:
+    """``GET /api/common/query-credits``: the key's balance, in ailabapi's documented shape."""
+    sim: Sim = request.app.state.sim
+    sim.stats.credit_queries += 1
+    account = sim.account(request.headers.get(contract.KEY_HEADER))
+    if account is None:
+        reply = error_reply(Refusal("ERROR_USER_NOT_EXISTS"))
+        return Response(reply.body, status_code=reply.status, media_type="application/json")
+    body = {
+        **envelope(),
+        "data": [
+            {
+                "unique_sign": "common",
+                "name": "Universal credits",
+                "balance": account.balance,
+                "total": account.total,
+                "last_recharge_balance": account.total,
+                "balance_warning": 0,
+                "first_buy_time": 0,
+                "last_update_time": 0,
+            }
+        ],
+    }
+    reply = json_reply(200, body, "OK")
+    return Response(reply.body, status_code=200, media_type="application/json")

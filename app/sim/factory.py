@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.sim import control
 from app.sim.config import SIM_HEADER, SimConfig
-from app.sim.endpoint import Analyze
+from app.sim.endpoint import Analyze, query_credits
 from app.sim.replies import DROPPING
 from app.sim.state import Sim
 from app.upstream import contract
@@ -72,11 +72,13 @@ def create_app(config: SimConfig | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route(contract.ANALYZE_PATH, Analyze(sim), methods=["POST"]),
+            Route(contract.CREDITS_PATH, query_credits, methods=["GET"]),
             Route("/healthz", control.healthz, methods=["GET"]),
             Route("/_sim/stats", control.stats, methods=["GET"]),
             Route("/_sim/reset", control.reset, methods=["POST"]),
             Route("/_sim/faults", control.faults, methods=["GET", "POST", "DELETE"]),
             Route("/_sim/limits", control.limits, methods=["GET", "POST"]),
+            Route("/_sim/keys", control.keys, methods=["GET", "POST"]),
         ],
         middleware=[Middleware(_Tagged)],
         exception_handlers={404: control.not_found},

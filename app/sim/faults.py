@@ -1,4 +1,4 @@
-"""Fault plans and per-key limits: the bodies of ``POST /_sim/faults`` and ``POST /_sim/limits``.
+"""Fault plans, per-key limits and balances: the bodies of ``POST /_sim/faults|limits|keys``.
 
 The modes and their fields are documented in docs/simulator.md.
 """
@@ -75,3 +75,18 @@ class Limits(BaseModel):
     qps_burst: float | None = Field(None, ge=0)
     max_concurrency: int | None = Field(None, ge=0)
     retry_after_on_throttle: bool | None = None
+
+
+class KeyBalance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Credits left; None = the configured starting balance.
+    balance: float | None = Field(None, ge=0)
+
+
+class KeyBalances(BaseModel):
+    """Body of ``POST /_sim/keys``: ``{"keys": {"<key>": {"balance": 50}}}`` (unknown keys are added)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: dict[str, KeyBalance]

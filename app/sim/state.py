@@ -1,4 +1,5 @@
-"""All mutable state of one simulator: call statistics, the fault queue and the per-key limits."""
+"""All mutable state of one simulator: call statistics, the fault queue, the keys with their
+limits and credit balances."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ class Stats:
     per_image: Counter[str] = field(default_factory=Counter)
     throttled: int = 0
     disconnected: int = 0
+    #: Balance queries (``GET /api/common/query-credits``); not part of ``calls``.
+    credit_queries: int = 0
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "credit_queries": self.credit_queries,
             "calls": self.calls,
             "ok": self.ok,
             "by_code": dict(self.by_code),
@@ -40,6 +44,50 @@ class Stats:
             "throttled": self.throttled,
             "disconnected": self.disconnected,
         }
+
+
+@dataclass
+class Account:
+    """One accepted key: its credits, its limiter and what it saw (``GET /_sim/keys``)."""
+
+    balance: float
+    total: float
+    calls: int = 0
+    ok: int = 0
+    billed: int = 0
+    throttled: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    #: Most calls admitted within any one second (the per-key rate ailabapi would see).
+    max_per_s: int = 0
+    starts: deque[float] = field(default_factory=deque)
+    tokens: float = 0.0
+    refilled: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "balance": self.balance,
+            "calls": self.calls,
+            "ok": self.ok,
+            "billed": self.billed,
+            "throttled": self.throttled,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "max_per_s": self.max_per_s,
+        }
+
+    def zero(self, balance: float) -> None:
+        """Counters back to zero (calls in progress stay counted), the balance to ``balance``."""
+        self.balance = self.total = balance
+        self.calls = self.ok = self.billed = self.throttled = self.max_per_s = 0
+        self.max_in_flight = self.in_flight
+        self.starts.clear()
+
+    def started(self, now: float) -> None:
+        self.starts.append(now)
+        while self.starts and self.starts[0] <= now - 1.0:
+            self.starts.popleft()
+        self.max_per_s = max(self.max_per_s, len(self.starts))
 
 
 @dataclass
@@ -56,10 +104,10 @@ class Sim:
         self.decode_slots = asyncio.Semaphore(config.decode_concurrency)
         #: Set when an embedded simulator stops: ends every hang and latency wait.
         self.wake = asyncio.Event()
-        self.admitted = 0
         self.stats = Stats()
         #: None: faces are placed by the image's hash.
         self.detector = detect.load() if config.faces == "detect" else None
+        self.accounts: dict[str, Account] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -74,12 +122,32 @@ class Sim:
             max_concurrency=self.config.max_concurrency,
             retry_after_on_throttle=self.config.retry_after_on_throttle,
         )
+        # The configured keys only, counters zeroed; calls in progress keep their account's
+        # in-flight count right (they hold the account object).
+        old, self.accounts = self.accounts, {}
+        for key in self.config.api_keys:
+            if key in old:
+                account = self.accounts[key] = old[key]
+                account.zero(self.config.credits)
+            else:
+                self.set_balance(key, self.config.credits)
         self._refill_bucket()
         self._fault_rng = rng(self.config.fault_seed)
 
+    def set_balance(self, key: str, balance: float) -> Account:
+        """Set a key's balance (a top-up); an unknown key becomes accepted."""
+        account = self.accounts.get(key)
+        if account is None:
+            account = self.accounts[key] = Account(balance, balance, tokens=self._burst(), refilled=time.monotonic())
+        account.balance = balance
+        account.total = max(account.total, balance)
+        return account
+
     def _refill_bucket(self) -> None:
-        self._tokens = self._burst()
-        self._refilled = time.monotonic()
+        now = time.monotonic()
+        for account in self.accounts.values():
+            account.tokens = self._burst()
+            account.refilled = now
 
     def _burst(self) -> float:
         return self.limits.qps_burst or max(1.0, self.limits.qps or 0.0)
@@ -101,33 +169,47 @@ class Sim:
         ]
         return {"faults": faults, "latency_ms": self.latency_ms}
 
-    def key_ok(self, key: str | None) -> bool:
+    def account(self, key: str | None) -> Account | None:
+        """The account of an accepted key, or None."""
         if not key:
-            return False
+            return None
         given = key.encode()
         # Compare with every key, constant-time, so timing says nothing about which exist.
-        return any([hmac.compare_digest(given, k.encode()) for k in self.config.api_keys])
+        found = None
+        for name, account in list(self.accounts.items()):
+            if hmac.compare_digest(given, name.encode()):
+                found = account
+        return found
 
-    def admit(self) -> None:
-        """Per-key limits: concurrency, then a token bucket (a refused call spends no token)."""
+    def key_ok(self, key: str | None) -> bool:
+        return self.account(key) is not None
+
+    def admit(self, account: Account) -> None:
+        """The key's credits, then its limits: concurrency, then a token bucket (a refused call
+        spends no token)."""
+        if account.balance <= 0:
+            raise Refusal("ERROR_NOT_ENOUGH_CREDITS")
         qps, cap = self.limits.qps or 0.0, self.limits.max_concurrency or 0
         wait = 0.0
-        if cap and self.admitted >= cap:
+        now = time.monotonic()
+        if cap and account.in_flight >= cap:
             wait = 1.0
         elif qps > 0:
-            now = time.monotonic()
-            self._tokens = min(self._burst(), self._tokens + (now - self._refilled) * qps)
-            self._refilled = now
-            if self._tokens >= 1:
-                self._tokens -= 1
+            account.tokens = min(self._burst(), account.tokens + (now - account.refilled) * qps)
+            account.refilled = now
+            if account.tokens >= 1:
+                account.tokens -= 1
             else:
-                wait = (1 - self._tokens) / qps
+                wait = (1 - account.tokens) / qps
         if wait:
+            account.throttled += 1
             err = Refusal("EXCEEDING_LIMITS")
             if self.limits.retry_after_on_throttle:
                 err.headers["Retry-After"] = str(max(1, math.ceil(wait)))
             raise err
-        self.admitted += 1
+        account.in_flight += 1
+        account.max_in_flight = max(account.max_in_flight, account.in_flight)
+        account.started(now)
 
     def take_fault(self) -> Fault | None:
         if not self.faults:
@@ -141,9 +223,14 @@ class Sim:
                 self.faults.popleft()
         return armed.fault
 
-    def record(self, reply: Reply) -> None:
+    def record(self, reply: Reply, account: Account | None = None) -> None:
         self.stats.by_code[reply.label] += 1
         if reply.status == 200 and not reply.drop:
             self.stats.ok += 1
         if reply.status == 429:
             self.stats.throttled += 1
+        if account is not None and reply.status == 200:
+            # A 200 is a billed call (success, or an answer ailabapi reported as one).
+            account.ok += 1
+            account.billed += 1
+            account.balance -= 1

@@ -10,6 +10,7 @@ here keeps each concern testable on its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Final, Protocol
 
@@ -217,6 +218,66 @@ class AilabapiClient:
             retry_after=retry_after,
             reason=row.code,
         )
+
+    async def query_credits(self, *, timeout_s: float = 10.0) -> float | None:
+        """This key's balance from ailabapi's balance endpoint (free), or None if it said nothing usable."""
+        url = self._url[: -len(contract.ANALYZE_PATH)] + contract.CREDITS_PATH
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._http.get(
+                    url,
+                    headers={contract.KEY_HEADER: self._key},
+                    timeout=httpx.Timeout(timeout_s, connect=min(self._connect_timeout_s, timeout_s)),
+                    follow_redirects=False,
+                )
+        except (TimeoutError, httpx.HTTPError):
+            return None
+        if response.status_code != 200 or len(response.content) > 1024 * 1024:
+            return None
+        try:
+            return contract.credits_balance(orjson.loads(response.content))
+        except orjson.JSONDecodeError:
+            return None
+
+
+class KeyedClients:
+    """One :class:`AilabapiClient` per pool key, over one shared ``httpx.AsyncClient``.
+
+    ``spec`` returns the current ``(name, secret)`` pairs (the keys file may be reloaded);
+    a client is rebuilt when a key's secret changes.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        secrets: Callable[[], dict[str, str]],
+        *,
+        base_url: str,
+        connect_timeout_s: float,
+        billed_error_codes: frozenset[str] = frozenset(),
+    ) -> None:
+        self._http = http
+        self._secrets = secrets
+        self._base_url = base_url
+        self._connect_timeout_s = connect_timeout_s
+        self._billed = billed_error_codes
+        self._clients: dict[str, tuple[str, AilabapiClient]] = {}
+
+    def __call__(self, name: str) -> AilabapiClient:
+        secret = self._secrets().get(name)
+        if secret is None:
+            raise KeyError(name)
+        cached = self._clients.get(name)
+        if cached is None or cached[0] != secret:
+            client = AilabapiClient(
+                self._http,
+                base_url=self._base_url,
+                api_key=secret,
+                connect_timeout_s=self._connect_timeout_s,
+                billed_error_codes=self._billed,
+            )
+            cached = self._clients[name] = (secret, client)
+        return cached[1]
 
 
 class _TooLarge(Exception):

@@ -43,6 +43,14 @@ MIN_FACE_SIDE: Final = 64
 DEFAULT_QPS: Final = 5.0
 DEFAULT_MAX_CONCURRENCY: Final = 5
 
+# --- the credit balance (verified: "GET /api/common/query-credits reports the balance") ---
+#: Path of the balance endpoint; same key header, no body, costs nothing (verified).
+CREDITS_PATH: Final = "/api/common/query-credits"
+#: ``data[].unique_sign`` values whose ``balance`` pays for face-analyzer-advanced. "common"
+#: (universal credits, all APIs) is verified; the per-API sign of this endpoint is an
+#: assumption (ailabapi's table of per-API signs does not list the face analyzers).
+CREDIT_SIGNS: Final = frozenset({"common", "face_analyzer_advanced"})
+
 
 class Shape(StrEnum):
     """The two answer shapes ailabapi's docs show for face-analyzer-advanced."""
@@ -210,6 +218,55 @@ def lookup(code: str | None, status: int) -> UpstreamCode:
         return ERROR_CODES[code]
     kind = _KIND_BY_STATUS.get(status, Kind.FAULT)
     return UpstreamCode(code or f"HTTP_{status}", status, kind, "Unrecognised upstream error.")
+
+
+class KeyEffect(StrEnum):
+    """What an upstream failure says about the *key* that made the call (not the image, not ailabapi)."""
+
+    THROTTLED = "throttled"  # this key's request/concurrency limit: cool it down briefly
+    EXHAUSTED = "exhausted"  # this key's account is out of credits: out until its balance is positive
+    DISABLED = "disabled"  # ailabapi refuses this key: out until the keys file changes
+
+
+#: Which error codes are about the key, so that a call moves to another key of the pool.
+#: Verified codes; reading them as key-specific is facegate's choice. Unknown: whether
+#: AI_SERVICE_FLOW_RESTRICTION (503) is per key or service-wide — treated as service-wide
+#: (retried with backoff, never moves the call). ERROR_AI_NOT_EXISTS (404, "the API does not
+#: exist") is about the endpoint, not the key, so it disables nothing either.
+KEY_EFFECTS: Final[dict[str, KeyEffect]] = {
+    "EXCEEDING_LIMITS": KeyEffect.THROTTLED,
+    "ERROR_NOT_ENOUGH_CREDITS": KeyEffect.EXHAUSTED,
+    "ERROR_USER_NOT_EXISTS": KeyEffect.DISABLED,
+    "ERROR_APPLICATIONS_NOT_EXISTS": KeyEffect.DISABLED,
+    "ERROR_USER_LOCKED": KeyEffect.DISABLED,
+    "ERROR_ILLEGAL_OPERATION": KeyEffect.DISABLED,
+}
+
+
+def key_effect(code: str) -> KeyEffect | None:
+    """The effect of an upstream error code on the key that got it (None: not about the key)."""
+    return KEY_EFFECTS.get(code)
+
+
+def credits_balance(body: Any) -> float | None:
+    """The credits an answer of the balance endpoint reports for this endpoint, or None.
+
+    ailabapi's docs show ``data`` both as a list of credit entries and as one entry; both
+    are read. The balance is the sum over the entries in :data:`CREDIT_SIGNS`; an answer
+    with none of them (or an error envelope) says nothing and gives None.
+    """
+    if not isinstance(body, dict) or error_code_of(body):
+        return None
+    data = body.get("data")
+    entries = data if isinstance(data, list) else [data]
+    total: float | None = None
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("unique_sign") not in CREDIT_SIGNS:
+            continue
+        value = entry.get("balance")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            total = (total or 0.0) + float(value)
+    return total
 
 
 #: Numeric ``error_code`` used in envelopes facegate writes itself; ailabapi's numbers are

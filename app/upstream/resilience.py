@@ -1,9 +1,12 @@
-"""Around the single attempt: global limiter, circuit breaker, retries, one deadline.
+"""Around the single attempt: the key pool, circuit breaker, retries, one deadline.
 
 The order matters. The breaker is asked first, so that while ailabapi is down callers
-get a 503 in microseconds instead of queueing. Each attempt then takes a slot from the
-global guard, which keeps the one shared key under its QPS and concurrency limits
-across all replicas (an upstream 429 storm would hurt every tenant). Retries happen
+get a 503 in microseconds instead of queueing. Each attempt then gets a slot on one key
+from the pool (``pool/``: fair across tenants, within every key's QPS and concurrency
+limits across all replicas — an upstream 429 storm would hurt every tenant). A failure
+that is about the key — throttled, out of credits, refused — marks the key and moves the
+call to another key at once (not a retry: no backoff, no breaker count), in a pool from
+a keys file; a verdict about the image never moves (it would be paid once per key). Retries happen
 only for what can succeed on a second try (connection errors, 429, 502/503/504; the
 attempt decides, see ``ailabapi.py``), with jittered exponential backoff that never
 undercuts the upstream's ``Retry-After``, and never past the request's one overall
@@ -16,17 +19,21 @@ many attempts it took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from app.errors import Problem
+from app.upstream import contract
 from app.upstream.ailabapi import ImagePayload, Upstream, UpstreamAnswer, UpstreamFailure
+from app.upstream.contract import KeyEffect
 from app.upstream.guard import Guard, GuardTimeout
+from app.upstream.pool.base import Caller, Grant, Outcome, Refused
 
 log = logging.getLogger("facegate.upstream")
 
@@ -193,34 +200,133 @@ class CallReport:
 
     attempts: int = 0
     upstream_s: float = 0.0
+    key: str | None = None  # the pool key of the last attempt (a name, never the secret)
+    queued_s: float = 0.0  # time spent waiting for a slot, all attempts together
+
+
+class SlotPool(Protocol):
+    """What the resilient call needs from the key pool (``pool.PoolFront`` or the legacy guard)."""
+
+    @property
+    def gated(self) -> bool: ...
+
+    async def acquire(self, caller: Caller, wait_s: float) -> Grant: ...
+
+    async def release(self, grant: Grant, outcome: Outcome) -> None: ...
+
+
+class GuardPool:
+    """A :class:`Guard` (one key's QPS and concurrency) seen as a pool of one ungated key."""
+
+    gated = False
+
+    def __init__(self, guard: Guard, key: str = "default") -> None:
+        self.guard = guard
+        self._key = key
+        self._slots: dict[str, contextlib.AbstractAsyncContextManager[None]] = {}
+        self._seq = 0
+
+    async def acquire(self, caller: Caller, wait_s: float) -> Grant:
+        started = time.monotonic()
+        slot = self.guard.slot(wait_s)
+        try:
+            await slot.__aenter__()
+        except GuardTimeout as exc:
+            raise Refused("timeout", exc.retry_after) from None
+        self._seq += 1
+        ticket = f"g:{self._seq}"
+        self._slots[ticket] = slot
+        return Grant(self._key, ticket, time.monotonic() - started)
+
+    async def release(self, grant: Grant, outcome: Outcome) -> None:
+        slot = self._slots.pop(grant.ticket, None)
+        if slot is not None:
+            await slot.__aexit__(None, None, None)
+
+
+class _Moved(Exception):
+    """The key failed the call (throttled, out of credits, refused): try another key now."""
+
+    def __init__(self, failure: UpstreamFailure) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
+def refusal_problem(refused: Refused) -> UpstreamFailure:
+    """What a caller sees when the pool gives no slot (README: 429 vs 503)."""
+    if refused.reason == "tenant":
+        problem = Problem(
+            "upstream_share_exceeded",
+            "this tenant's calls already fill its share of the upstream queue; try again later",
+            retry_after=max(1.0, refused.retry_after),
+        )
+    elif refused.reason == "nokey":
+        problem = Problem(
+            "upstream_keys_unavailable",
+            "every upstream key this tenant may use is unusable right now (throttled, out of credits or refused)",
+            retry_after=max(1.0, refused.retry_after),
+        )
+    else:
+        problem = Problem(
+            "upstream_unavailable",
+            "too many calls to ailabapi in flight; try again shortly",
+            retry_after=max(1.0, refused.retry_after) if refused.reason != "timeout" else refused.retry_after,
+        )
+    reason = "guard_timeout" if refused.reason == "timeout" else f"pool_{refused.reason}"
+    return UpstreamFailure(problem, retryable=False, retry_after=refused.retry_after, reason=reason)
 
 
 class ResilientUpstream:
-    """Breaker → guard → attempt, retried within one overall deadline."""
+    """Breaker → pool slot → attempt, retried within one overall deadline.
+
+    ``inner`` + ``guard`` is the single-key form (a pool of one, ungated); ``pool`` +
+    ``clients`` is the key pool, ``clients(name)`` being the attempt for that key.
+    """
 
     def __init__(
         self,
-        inner: Upstream,
+        inner: Upstream | None = None,
         *,
-        guard: Guard,
+        guard: Guard | None = None,
+        pool: SlotPool | None = None,
+        clients: Callable[[str], Upstream] | None = None,
         breaker: CircuitBreaker,
         policy: RetryPolicy,
         timeout_s: float,
         queue_timeout_s: float,
         on_attempt: Callable[[str, float], None] | None = None,
+        on_key_call: Callable[[str, str], None] | None = None,
+        on_exhausted: Callable[[str], None] | None = None,
     ) -> None:
-        self._inner = inner
-        self.guard = guard
+        if pool is None:
+            if inner is None or guard is None:
+                raise ValueError("give inner and guard, or pool and clients")
+            pool = GuardPool(guard)
+            clients = lambda _name: inner  # noqa: E731
+        if clients is None:
+            raise ValueError("a pool needs clients")
+        self.pool = pool
+        self._clients = clients
         self.breaker = breaker
         self._policy = policy
         self._timeout_s = timeout_s
         self._queue_timeout_s = queue_timeout_s
         self._on_attempt = on_attempt
+        self._on_key_call = on_key_call
+        self._on_exhausted = on_exhausted
 
-    async def call(self, image: ImagePayload, report: CallReport | None = None) -> UpstreamAnswer:
+    @property
+    def guard(self) -> Guard | None:
+        return self.pool.guard if isinstance(self.pool, GuardPool) else None
+
+    async def call(
+        self, image: ImagePayload, report: CallReport | None = None, caller: Caller | None = None
+    ) -> UpstreamAnswer:
         report = report or CallReport()
+        caller = caller or Caller()
         deadline = time.monotonic() + self._timeout_s
         attempt = 0
+        moves = 0
         while True:
             permit = self.breaker.allow()
             if not isinstance(permit, Permit):
@@ -234,7 +340,15 @@ class ResilientUpstream:
                     reason="breaker_open",
                 )
             try:
-                answer = await self._attempt(image, permit, deadline, report)
+                answer = await self._attempt(image, permit, deadline, report, caller)
+            except _Moved as moved:
+                # The key is marked; the pool picks another (or says none is left). Bounded, in
+                # case the marks cannot be stored (Redis down): then the key's failure stands.
+                moves += 1
+                if moves > 8 or time.monotonic() >= deadline:
+                    raise moved.failure from None
+                log.info("upstream key %s failed the call (%s); moving it to another key", report.key, moved)
+                continue
             except UpstreamFailure as failure:
                 delay = self._policy.backoff(attempt, failure.retry_after)
                 if (
@@ -251,55 +365,78 @@ class ResilientUpstream:
             return answer
 
     async def _attempt(
-        self, image: ImagePayload, permit: Permit, deadline: float, report: CallReport
+        self, image: ImagePayload, permit: Permit, deadline: float, report: CallReport, caller: Caller
     ) -> UpstreamAnswer:
-        """One attempt; tells the breaker its outcome, or gives the permit back if there was none."""
+        """One attempt on one key; tells the breaker and the pool its outcome."""
+        try:
+            grant = await self.pool.acquire(caller, max(0.0, min(self._queue_timeout_s, deadline - time.monotonic())))
+        except Refused as refused:
+            # Our own queue, not an upstream failure: the breaker is not told.
+            self.breaker.abandon(permit)
+            raise refusal_problem(refused) from None
+        except BaseException:
+            self.breaker.abandon(permit)
+            raise
+        report.key = grant.key
+        report.queued_s += grant.queued_s
         reached = False
         elapsed = 0.0
         try:
-            async with self.guard.slot(max(0.0, min(self._queue_timeout_s, deadline - time.monotonic()))):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UpstreamFailure(
-                        Problem("upstream_timeout", "no time was left to call ailabapi"),
-                        retryable=False,
-                        reason="deadline",
-                    )
-                reached = True
-                report.attempts += 1
-                started = time.monotonic()
-                try:
-                    answer = await self._inner.analyze(image, timeout_s=remaining)
-                finally:
-                    elapsed = time.monotonic() - started
-                    report.upstream_s += elapsed
-        except GuardTimeout as exc:
-            # Our own queue, not an upstream failure: the breaker is not told.
-            self.breaker.abandon(permit)
-            raise UpstreamFailure(
-                Problem(
-                    "upstream_unavailable",
-                    "too many calls to ailabapi in flight; try again shortly",
-                    retry_after=exc.retry_after,
-                ),
-                retryable=False,
-                reason="guard_timeout",
-            ) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamFailure(
+                    Problem("upstream_timeout", "no time was left to call ailabapi"),
+                    retryable=False,
+                    reason="deadline",
+                )
+            upstream = self._clients(grant.key)
+            reached = True
+            report.attempts += 1
+            started = time.monotonic()
+            try:
+                answer = await upstream.analyze(image, timeout_s=remaining)
+            finally:
+                elapsed = time.monotonic() - started
+                report.upstream_s += elapsed
         except UpstreamFailure as failure:
-            if reached:
-                self.breaker.failure(permit)
-                self._notify(failure.reason, elapsed)
-            else:
+            effect = contract.key_effect(failure.reason) if reached else None
+            await self.pool.release(
+                grant,
+                Outcome(
+                    code=failure.reason,
+                    effect=effect,
+                    cool_s=failure.retry_after,
+                    billed=failure.billed,
+                    seconds=elapsed,
+                    reached=reached,
+                ),
+            )
+            if not reached:
                 self.breaker.abandon(permit)
+                raise
+            self._notify(grant.key, failure.reason, elapsed)
+            if effect is not None and self.pool.gated:
+                # About this key, not about ailabapi: no breaker count; the call moves on.
+                self.breaker.abandon(permit)
+                if effect is KeyEffect.EXHAUSTED and self._on_exhausted is not None:
+                    self._on_exhausted(grant.key)
+                raise _Moved(failure) from None
+            self.breaker.failure(permit)
             raise
         except BaseException:
             # Cancelled (shutdown) or a bug: no verdict on the upstream either way.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.pool.release(grant, Outcome(reached=False)))
             self.breaker.abandon(permit)
             raise
+        outcome = "ok" if answer.verdict is None else answer.verdict.code
+        await self.pool.release(grant, Outcome(code="ok", billed=answer.billed, seconds=elapsed))
         self.breaker.success(permit)
-        self._notify("ok" if answer.verdict is None else answer.verdict.code, elapsed)
+        self._notify(grant.key, outcome, elapsed)
         return answer
 
-    def _notify(self, outcome: str, elapsed: float) -> None:
+    def _notify(self, key: str, outcome: str, elapsed: float) -> None:
         if self._on_attempt is not None:
             self._on_attempt(outcome, elapsed)
+        if self._on_key_call is not None:
+            self._on_key_call(key, outcome)

@@ -8,7 +8,7 @@ from what this script makes):
 
 - ``grafana/dashboards/facegate.json``: the dashboard, from ``ROWS`` below. A row is a title
   and its panels; panels flow left to right on Grafana's 24-column grid. To add a row (the
-  upstream key pool, the fair queue), append a ``Row`` whose queries use only metrics the
+  upstream keys and fair queue row is one), append a ``Row`` whose queries use only metrics the
   app emits: the tests parse every query and check each metric against a live gateway.
 - ``../overlays/production/prometheusrule.yaml``: ``prometheus/facegate-rules.yml`` wrapped
   in a prometheus-operator ``PrometheusRule`` (kustomize cannot embed a file in a custom
@@ -346,6 +346,79 @@ ROWS: tuple[Row, ...] = (
         ),
     ),
     Row(
+        "Upstream keys and fair queue",
+        (
+            Panel(
+                "Usable upstream keys",
+                "stat",
+                (Target(f"min(facegate_upstream_keys_usable{{{JOB}}})"),),
+                "Shared keys that can take calls now (ok or low). 0: every shared cache miss answers 503 "
+                "upstream_keys_unavailable; alert FacegateUpstreamNoUsableKey.",
+                width=4,
+                thresholds=(("red", None), ("yellow", 1), ("green", 2)),
+            ),
+            Panel(
+                "Key states",
+                "timeseries",
+                (
+                    Target(
+                        f'max by (key, state) (facegate_upstream_key_state{{{JOB}, state!="ok"}}) > 0',
+                        "{{key}} {{state}}",
+                    ),
+                ),
+                "Keys not ok, by state: low (balance below low_credits), cooling (throttled), exhausted (no "
+                "credits), disabled (refused until the keys file changes). Empty = every key ok.",
+                width=10,
+                bars=True,
+            ),
+            Panel(
+                "Credits by key",
+                "timeseries",
+                (Target(f"max by (key) (facegate_upstream_key_credits{{{JOB}}})", "{{key}}"),),
+                "The last balance ailabapi reported for each key (read every FACEGATE_UPSTREAM_CREDITS_POLL_S). "
+                "Alerts: FacegateUpstreamCreditsLow, FacegateUpstreamKeyExhausted.",
+                width=10,
+            ),
+            Panel(
+                "Calls in flight by key",
+                "timeseries",
+                (Target(f"max by (key) (facegate_upstream_key_in_flight{{{JOB}}})", "{{key}}"),),
+                "Calls on each key right now, all replicas together (each key's max_concurrency is its ceiling).",
+                stack=True,
+            ),
+            Panel(
+                "Attempts by key and outcome",
+                "timeseries",
+                (Target(_rate("facegate_upstream_key_calls_total", JOB, "key, outcome"), "{{key}} {{outcome}}"),),
+                "Attempts at ailabapi per key: ok, an image verdict, an ailabapi code (EXCEEDING_LIMITS, "
+                "ERROR_NOT_ENOUGH_CREDITS move the call to another key), a transport failure.",
+                unit="reqps",
+                stack=True,
+            ),
+            Panel(
+                "Queue wait p95 by tenant",
+                "timeseries",
+                (
+                    Target(
+                        "histogram_quantile(0.95, sum by (le, tenant) "
+                        f"(rate(facegate_upstream_queue_wait_seconds_bucket{{{JOB}, {TENANT}}}[$__rate_interval])))",
+                        "{{tenant}}",
+                    ),
+                ),
+                "How long a tenant's calls waited for an upstream slot (95th percentile). Fair queueing keeps a "
+                "light tenant's wait short while another floods; alert FacegateUpstreamQueueSlow.",
+                unit="s",
+            ),
+            Panel(
+                "Calls waiting for a slot",
+                "timeseries",
+                (Target(f"max(facegate_upstream_queue_depth{{{JOB}}})", "waiting"),),
+                "Calls queued for an upstream slot, all replicas together. Calls that could not start within "
+                "FACEGATE_UPSTREAM_QUEUE_TIMEOUT_S are refused at once (429 share exceeded / 503).",
+            ),
+        ),
+    ),
+    Row(
         "Redis",
         (
             Panel(
@@ -353,7 +426,7 @@ ROWS: tuple[Row, ...] = (
                 "timeseries",
                 (Target(_rate("facegate_redis_errors_total", JOB, "component"), "{{component}}"),),
                 "Failed Redis operations: cache (falls back to a miss), quota (FACEGATE_QUOTA_FAIL_MODE decides), "
-                "singleflight, guard.",
+                "singleflight, pool (the upstream key pool: each replica then queues for itself).",
                 unit="ops",
             ),
             Panel(

@@ -74,6 +74,12 @@ def test_metrics_after_a_scripted_sequence(gateway_factory: Any, sim: Sim) -> No
         k("facegate_http_request_duration_seconds_count", route=route): 9,
         k("facegate_http_request_duration_seconds_count", route="/metrics"): 1,  # the "before" scrape
         k("facegate_http_requests_total", route="/metrics", method="GET", status="200", tenant="-"): 1,
+        # The key pool (a pool of one, "default"): attempts per key, and each call's wait for its slot.
+        k("facegate_upstream_key_calls_total", key="default", outcome="ok"): 3,
+        k("facegate_upstream_key_calls_total", key="default", outcome="PROCESSING_FAILURE"): 1,
+        k("facegate_upstream_queue_wait_seconds_count", tenant="alpha", priority="interactive"): 2,
+        k("facegate_upstream_queue_wait_seconds_count", tenant="ratey", priority="interactive"): 1,
+        k("facegate_upstream_queue_wait_seconds_count", tenant="quotay", priority="interactive"): 1,
     }
     # Quota gauges, as of each tenant's latest admission (a reservation counts until refunded:
     # alpha's failed call was reserved when it was admitted, so alpha shows two used).

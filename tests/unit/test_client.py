@@ -80,6 +80,8 @@ EXPECTED: dict[str, type[FacegateError]] = {
     "upstream_error": UpstreamError,
     "upstream_credits": UpstreamError,
     "upstream_unavailable": UpstreamError,
+    "upstream_keys_unavailable": UpstreamError,
+    "upstream_share_exceeded": RateLimited,
     "overloaded": ServiceUnavailable,
     "quota_unavailable": ServiceUnavailable,
     "upstream_timeout": UpstreamError,
