@@ -58,7 +58,8 @@ class Analyze:
         if account is None:
             raise Refusal("ERROR_USER_NOT_EXISTS")
         account.calls += 1
-        sim.admit(account)
+        sim.admit(account)  # reserves the call's credit: concurrent calls cannot overdraw the key
+        reply: Reply | None = None
         try:
             image = await read_image(headers, receive)
             assert image.data is not None
@@ -69,9 +70,12 @@ class Analyze:
                 reply = await self._fault(fault, receive)
                 if reply is not None:
                     return reply
-            return await self._analyze(image.data, image.sha256, headers, receive)
+            reply = await self._analyze(image.data, image.sha256, headers, receive)
+            return reply
         finally:
             account.in_flight -= 1
+            if reply is None or reply.status != 200:
+                account.balance += 1  # not billed: the reserved credit goes back
 
     async def _fault(self, fault: Fault, receive: Receive) -> Reply | None:
         if fault.mode == "status":

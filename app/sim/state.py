@@ -187,7 +187,7 @@ class Sim:
     def admit(self, account: Account) -> None:
         """The key's credits, then its limits: concurrency, then a token bucket (a refused call
         spends no token)."""
-        if account.balance <= 0:
+        if account.balance < 1:
             raise Refusal("ERROR_NOT_ENOUGH_CREDITS")
         qps, cap = self.limits.qps or 0.0, self.limits.max_concurrency or 0
         wait = 0.0
@@ -210,6 +210,7 @@ class Sim:
         account.in_flight += 1
         account.max_in_flight = max(account.max_in_flight, account.in_flight)
         account.started(now)
+        account.balance -= 1  # reserved; given back unless the answer is billed (see endpoint.py)
 
     def take_fault(self) -> Fault | None:
         if not self.faults:
@@ -230,7 +231,7 @@ class Sim:
         if reply.status == 429:
             self.stats.throttled += 1
         if account is not None and reply.status == 200:
-            # A 200 is a billed call (success, or an answer ailabapi reported as one).
+            # A 200 is a billed call (success, or an answer ailabapi reported as one); its credit
+            # was taken when the call was admitted.
             account.ok += 1
             account.billed += 1
-            account.balance -= 1

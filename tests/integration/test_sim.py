@@ -774,3 +774,62 @@ def test_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (SimConfig().api_keys, SimConfig().shape) == (["a", "b"], "list")
     monkeypatch.setenv("FACEGATE_SIM_API_KEYS", '["c"]')
     assert SimConfig().api_keys == ["c"]
+
+
+# --------------------------------------------------------------------------- keys, credits, balance
+
+
+def test_balance_endpoint_answers_ailabapis_shape(client: httpx.Client) -> None:
+    r = client.get(contract.CREDITS_PATH, headers={contract.KEY_HEADER: KEY})
+    assert r.status_code == 200
+    body = r.json()
+    check_envelope(body, 200)
+    (entry,) = body["data"]
+    assert set(entry) == {
+        "unique_sign", "name", "balance", "total", "last_recharge_balance", "balance_warning",
+        "first_buy_time", "last_update_time",
+    }  # fmt: skip
+    assert contract.credits_balance(body) == 1_000_000
+    refused = client.get(contract.CREDITS_PATH, headers={contract.KEY_HEADER: "nope"})
+    assert refused.status_code == 401
+    check_envelope(refused.json(), 401, "ERROR_USER_NOT_EXISTS")
+    assert stats(client)["calls"] == 0 and stats(client)["credit_queries"] == 2
+
+
+def test_credits_are_per_key_billed_per_answer_and_settable(client: httpx.Client) -> None:
+    client.post("/_sim/keys", json={"keys": {KEY: {"balance": 2}, "added-key": {"balance": 5}}}).raise_for_status()
+    assert analyze(client, make_image(sim="error=ERROR_BLURRY_FACE")).status_code == 422  # a verdict: not billed
+    assert [analyze(client, make_image()).status_code for _ in range(3)] == [200, 200, 429]
+    empty = analyze(client, make_image())
+    check_envelope(empty.json(), 429, "ERROR_NOT_ENOUGH_CREDITS")
+    assert analyze(client, make_image(), key="added-key").status_code == 200, "another key, its own account"
+    keys = client.get("/_sim/keys").json()
+    assert (keys[KEY]["balance"], keys[KEY]["billed"], keys[KEY]["calls"]) == (0, 2, 5)
+    assert (keys["added-key"]["balance"], keys["added-key"]["billed"]) == (4, 1)
+    client.post("/_sim/keys", json={"keys": {KEY: {"balance": 10}}}).raise_for_status()  # a top-up
+    assert analyze(client, make_image()).status_code == 200
+    client.post("/_sim/reset").raise_for_status()
+    keys = client.get("/_sim/keys").json()
+    assert "added-key" not in keys and keys[KEY]["balance"] == 1_000_000
+
+
+async def test_concurrent_calls_cannot_overdraw_a_key() -> None:
+    config = SimConfig(latency_ms=100, faces="hash", credits=3)
+    async with BackgroundSim(config=config) as sim, httpx.AsyncClient(timeout=5) as http:
+        results = await asyncio.gather(*(_post(http, sim.url, make_image()) for _ in range(6)))
+    assert sorted(r.status_code for r in results) == [200, 200, 200, 429, 429, 429]
+
+
+async def test_limits_apply_per_key() -> None:
+    config = SimConfig(api_keys=["k1", "k2"], max_concurrency=1, latency_ms=200, faces="hash")
+    async with BackgroundSim(config=config) as sim, httpx.AsyncClient(timeout=5) as http:
+        image = make_image()
+
+        async def post(key: str) -> int:
+            files = {contract.IMAGE_FIELD: ("face.jpg", image, "image/jpeg")}
+            r = await http.post(sim.url + contract.ANALYZE_PATH, files=files, headers={contract.KEY_HEADER: key})
+            return r.status_code
+
+        assert sorted(await asyncio.gather(post("k1"), post("k2"), post("k1"))) == [200, 200, 429]
+        keys = (await http.get(sim.url + "/_sim/keys")).json()
+        assert (keys["k1"]["throttled"], keys["k2"]["throttled"], keys["k1"]["max_in_flight"]) == (1, 0, 1)

@@ -9,7 +9,7 @@ The structures (Redis: one hash tag, so they live on one Cluster slot):
 
 ========  =====  ===========================================================================
 slots     zset   ticket -> lease expiry (µs): the slots held (granted calls)
-granted   hash   ticket -> key name, for every slot
+granted   hash   ticket -> ``key|start`` (its start time, µs: a paced start may lie ahead), every slot
 tat       hash   key name -> the earliest next start (µs, GCRA pacing); ``*`` = the pool's
 health    hash   ``<key>:state`` (exhausted|disabled), ``:cool``, ``:recheck``, ``:why``,
                  ``:bal``, ``:bal_at``, ``:billed`` (calls billed since the last balance)
@@ -79,6 +79,9 @@ class Config:
     scan: int
     lat0_us: int
     keys: tuple[KeyCfg, ...]
+    #: A paced key may be granted this far ahead of its next start (the call then waits for it):
+    #: one dispatch can hand out many paced starts instead of one per heartbeat.
+    horizon_us: int = 50_000
 
     def key(self, name: str) -> KeyCfg | None:
         for k in self.keys:
@@ -100,6 +103,7 @@ class Config:
                 self.recheck_us,
                 self.scan,
                 self.lat0_us,
+                self.horizon_us,
             )
         )
         keys = "|".join(f"{k.name},{k.interval_us:.3f},{k.conc},{k.weight!r},{k.tier}" for k in self.keys)
@@ -275,7 +279,8 @@ class Core:
     def load(self) -> State:
         inflight: dict[str, int] = {}
         total = 0
-        for name in self.r.hgetall(GRANTED).values():
+        for value in self.r.hgetall(GRANTED).values():
+            name = value.split("|", 1)[0]
             inflight[name] = inflight.get(name, 0) + 1
             total += 1
         names = [k.name for k in self.cfg.keys]
@@ -329,10 +334,14 @@ class Core:
     def pool_free(self, st: State) -> bool:
         if self.cfg.pool_conc > 0 and st.total >= self.cfg.pool_conc:
             return False
-        return st.pool_tat <= self.now
+        return st.pool_tat <= self.now + self.cfg.horizon_us
 
     def free(self, st: State, k: KeyCfg) -> bool:
-        return self.health(st, k) == "ok" and st.inflight.get(k.name, 0) < k.conc and st.tat[k.name] <= self.now
+        return (
+            self.health(st, k) == "ok"
+            and st.inflight.get(k.name, 0) < k.conc
+            and st.tat[k.name] <= self.now + self.cfg.horizon_us
+        )
 
     def any_free(self, st: State) -> bool:
         return self.pool_free(st) and any(self.free(st, k) for k in self.cfg.keys)
@@ -350,16 +359,20 @@ class Core:
                     best, best_load = k, load
         return best
 
-    def grant(self, st: State, ticket: str, w: Waiter, k: KeyCfg, v: float) -> float:
+    def grant(self, st: State, ticket: str, w: Waiter, k: KeyCfg, v: float) -> tuple[float, int]:
+        """The slot, with its start: now, or the key's (and the pool's) next paced start."""
+        start = max(self.now, st.tat[k.name])
+        if self.cfg.pool_interval_us > 0:
+            start = max(start, st.pool_tat)
         self.r.zadd(SLOTS, self.now + self.cfg.lease_us, ticket)
-        self.r.hset(GRANTED, ticket, k.name)
+        self.r.hset(GRANTED, ticket, f"{k.name}|{start}")
         st.inflight[k.name] = st.inflight.get(k.name, 0) + 1
         st.total += 1
-        tat = math.ceil(max(st.tat[k.name], self.now) + k.interval_us)
+        tat = math.ceil(start + k.interval_us)
         st.tat[k.name] = tat
         self.r.hset(TAT, k.name, "%d" % tat)  # noqa: UP031 - as in Lua
         if self.cfg.pool_interval_us > 0:
-            st.pool_tat = math.ceil(max(st.pool_tat, self.now) + self.cfg.pool_interval_us)
+            st.pool_tat = math.ceil(start + self.cfg.pool_interval_us)
             self.r.hset(TAT, "*", "%d" % st.pool_tat)  # noqa: UP031
         s = float(w.s)
         if s > v:
@@ -369,11 +382,11 @@ class Core:
         replica = ticket.split(":", 1)[0]
         if replica != self.replica:
             self.woken.add(replica)
-        return v
+        return v, start
 
-    def dispatch(self, st: State) -> list[tuple[str, str]]:
-        """Grant slots to waiters in fair order while keys have room. Returns (ticket, key) pairs."""
-        granted: list[tuple[str, str]] = []
+    def dispatch(self, st: State) -> list[tuple[str, str, int]]:
+        """Grant slots to waiters in fair order while keys have room: (ticket, key, µs until its start)."""
+        granted: list[tuple[str, str, int]] = []
         if self.any_free(st):
             v = float(self.r.hget(FLOWS, "V") or 0)
             tickets = self.r.zrange(WAIT, self.cfg.scan)
@@ -386,8 +399,8 @@ class Core:
                 w = Waiter.parse(info)
                 k = self.pick(st, self.candidates(st, w))
                 if k is not None:
-                    v = self.grant(st, ticket, w, k, v)
-                    granted.append((ticket, k.name))
+                    v, start = self.grant(st, ticket, w, k, v)
+                    granted.append((ticket, k.name, start - self.now))
         if self.r.zcard(WAIT) == 0 and self.r.zcard(SLOTS) == 0:  # idle: the tags start over
             lat = self.r.hget(FLOWS, "lat")
             self.r.delete(FLOWS)
@@ -404,12 +417,12 @@ class Core:
             t = 0
             if self.cfg.gated and st.cool[k.name] > self.now:
                 t = st.cool[k.name]
-            if st.inflight.get(k.name, 0) < k.conc and st.tat[k.name] > self.now:
-                t = max(t, st.tat[k.name])
+            if st.inflight.get(k.name, 0) < k.conc and st.tat[k.name] - self.cfg.horizon_us > self.now:
+                t = max(t, st.tat[k.name] - self.cfg.horizon_us)
             if t > self.now and (best == 0 or t < best):
                 best = t
-        if best > 0 and st.pool_tat > best:
-            best = st.pool_tat
+        if best > 0 and st.pool_tat - self.cfg.horizon_us > best:
+            best = st.pool_tat - self.cfg.horizon_us
         return best - self.now if best > 0 else 0
 
     def rate(self, st: State, cands: Sequence[KeyCfg]) -> float:
@@ -449,7 +462,7 @@ class Core:
 
     # -- entry points (each one script on the Redis side)
 
-    def enqueue(self, ticket: str, ask: Ask) -> tuple[str, Any, int, int, list[tuple[str, str]]]:
+    def enqueue(self, ticket: str, ask: Ask) -> tuple[str, Any, int, int, list[tuple[str, str, int]]]:
         """(status, key name | retry µs, hint µs, depth, grants made): granted, queued, or refused at once."""
         tenant, cls, cost, budget_us = ask.tenant, ask.cls, ask.cost, ask.budget_us
         self.expire()
@@ -489,7 +502,7 @@ class Core:
         granted = self.dispatch(st)
         depth = self.r.zcard(WAIT)
         status, value = "queued", ""
-        for t, name in granted:
+        for t, name, _ in granted:
             if t == ticket:
                 status, value = "granted", name
         return status, value, self.hint(st), depth, granted
@@ -505,17 +518,20 @@ class Core:
         for ticket in held:
             self.r.zadd(SLOTS, lease_end, ticket, xx=True)
 
-    def poll(self, waiting: Sequence[str], held: Sequence[str]) -> tuple[int, int, list[tuple[str, str]], list[str]]:
+    def poll(
+        self, waiting: Sequence[str], held: Sequence[str]
+    ) -> tuple[int, int, list[tuple[str, str, int]], list[str]]:
         """Renew this replica's leases, dispatch, and say which of its waiters got a slot or were lost."""
         self.renew(waiting, held)
         self.expire()
         st = self.load()
         self.dispatch(st)
-        mine: list[tuple[str, str]] = []
+        mine: list[tuple[str, str, int]] = []
         lost: list[str] = []
-        for ticket, name in zip(waiting, self.r.hmget(GRANTED, waiting), strict=True):
-            if name is not None:
-                mine.append((ticket, name))
+        for ticket, value in zip(waiting, self.r.hmget(GRANTED, waiting), strict=True):
+            if value is not None:
+                name, start = value.split("|", 1)
+                mine.append((ticket, name, max(0, int(start) - self.now)))
             elif self.r.zscore(WAIT, ticket) is None:
                 lost.append(ticket)
         return self.hint(st), self.r.zcard(WAIT), mine, lost
@@ -546,7 +562,7 @@ class Core:
             self.r.hdel(HEALTH, name + ":state")
             self.r.hdel(HEALTH, name + ":recheck")
 
-    def release(self, ticket: str, spent: Spent) -> tuple[int, int, list[tuple[str, str]]]:
+    def release(self, ticket: str, spent: Spent) -> tuple[int, int, list[tuple[str, str, int]]]:
         self.r.zrem(SLOTS, ticket)
         self.r.hdel(GRANTED, ticket)
         if spent.key != "-":
@@ -556,17 +572,18 @@ class Core:
         granted = self.dispatch(st)
         return self.hint(st), self.r.zcard(WAIT), granted
 
-    def cancel(self, ticket: str) -> tuple[str, str]:
+    def cancel(self, ticket: str) -> tuple[str, str, int]:
         """A waiter gives up: dropped, or already granted (the caller uses or releases it)."""
         if self.r.hget(WINFO, ticket) is not None:
             self.drop_waiter(ticket, rollback=True)
-            return "dropped", ""
-        name = self.r.hget(GRANTED, ticket)
-        if name is not None:
-            return "granted", name
-        return "gone", ""
+            return "dropped", "", 0
+        value = self.r.hget(GRANTED, ticket)
+        if value is not None:
+            name, start = value.split("|", 1)
+            return "granted", name, max(0, int(start) - self.now)
+        return "gone", "", 0
 
-    def balance(self, name: str, balance: float | None) -> tuple[int, list[tuple[str, str]]]:
+    def balance(self, name: str, balance: float | None) -> tuple[int, list[tuple[str, str, int]]]:
         """A balance was read (None: the read failed): exhausted <-> usable, then dispatch."""
         state = self.r.hget(HEALTH, name + ":state") or ""
         if balance is None:
@@ -589,7 +606,7 @@ class Core:
         granted = self.dispatch(st)
         return self.hint(st), granted
 
-    def reloaded(self) -> list[tuple[str, str]]:
+    def reloaded(self) -> list[tuple[str, str, int]]:
         for k in self.cfg.keys:
             if self.r.hget(HEALTH, k.name + ":state") == "disabled":
                 self.r.hdel(HEALTH, k.name + ":state")
@@ -599,9 +616,10 @@ class Core:
     def snapshot(self) -> tuple[list[list[Any]], int, dict[str, int]]:
         """Per key: state, cool, recheck, bal, bal_at, billed, why, in flight; waiting; waiting by tenant."""
         counts: dict[str, int] = {}
-        for ticket, name in self.r.hgetall(GRANTED).items():
+        for ticket, value in self.r.hgetall(GRANTED).items():
             score = self.r.zscore(SLOTS, ticket)
             if score is not None and score > self.now:
+                name = value.split("|", 1)[0]
                 counts[name] = counts.get(name, 0) + 1
         rows: list[list[Any]] = []
         for k in self.cfg.keys:

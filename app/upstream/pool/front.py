@@ -45,7 +45,8 @@ log = logging.getLogger("facegate.upstream")
 #: anyway (the release normally wakes it at once; this covers a lost notification).
 SAFETY_POLL_S: Final = 0.25
 
-Pairs = list[tuple[str, str]]
+#: (ticket, key, µs until its start) for each slot a decision granted.
+Pairs = list[tuple[str, str, int]]
 _REFUSALS: Final[dict[str, RefusalReason]] = {"tenant": "tenant", "full": "full", "late": "late", "nokey": "nokey"}
 Enqueued = tuple[str, Any, int, int, Pairs]
 Polled = tuple[int, int, Pairs, list[str]]
@@ -122,7 +123,7 @@ class PoolFront(ABC):
         self.settings = settings
         self.hooks = hooks or Hooks()
         self._seq = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[str]] = {}
+        self._waiting: dict[str, asyncio.Future[tuple[str, int]]] = {}
         self._held: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._pump_task: asyncio.Task[None] | None = None
@@ -145,7 +146,7 @@ class PoolFront(ABC):
     async def _release(self, cfg: Config, ticket: str, spent: Spent) -> tuple[int, int, Pairs]: ...
 
     @abstractmethod
-    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str]: ...
+    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]: ...
 
     @abstractmethod
     async def _balance(self, cfg: Config, key: str, balance: float | None) -> tuple[int, Pairs]: ...
@@ -196,47 +197,54 @@ class PoolFront(ABC):
         status, value, _hint, depth, granted = await self._enqueue(cfg, ticket, ask)
         self.hooks.depth(depth)
         self._deliver(granted)
-        if status == "granted":
-            self._held[ticket] = value
-            self._start_pump()
-            self.hooks.waited(caller, time.monotonic() - started)
-            return Grant(value, ticket, time.monotonic() - started)
-        if status != "queued":
+        if status not in ("granted", "queued"):
             reason = _REFUSALS.get(status, "full")
             self.hooks.refused(caller, reason)
             retry_s = int(value) / US if int(value) > 0 else NO_RETURN_S if reason == "nokey" else 1.0
             raise Refused(reason, retry_s)
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiting[ticket] = future
-        self._start_pump()
-        self._wake.set()
         try:
-            async with asyncio.timeout(max(0.0, wait_s)):
-                key = await future
-        except TimeoutError:
-            grant = await self._late(ticket, started)
-            if grant is None:
-                self.hooks.refused(caller, "timeout")
-                raise Refused("timeout", 1.0) from None
-            key = grant.key
+            if status == "granted":
+                self._held[ticket] = value
+                self._start_pump()
+                key, start_in = value, next((d for t, _, d in granted if t == ticket), 0)
+            else:
+                key, start_in = await self._wait(ticket, wait_s, started, caller)
+            if start_in > 0:  # a paced start just ahead: the slot is ours, its start is not yet
+                await asyncio.sleep(start_in / US)
         except asyncio.CancelledError:
             self._abandon(ticket)
-            raise
-        except Refused:
-            self.hooks.refused(caller, "timeout")
             raise
         waited = time.monotonic() - started
         self.hooks.waited(caller, waited)
         return Grant(key, ticket, waited)
 
-    async def _late(self, ticket: str, started: float) -> Grant | None:
+    async def _wait(self, ticket: str, wait_s: float, started: float, caller: Caller) -> tuple[str, int]:
+        """A queued call: its key and µs to its start, once the heartbeat (or a release) grants it."""
+        future: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        self._waiting[ticket] = future
+        self._start_pump()
+        self._wake.set()
+        try:
+            async with asyncio.timeout(max(0.0, wait_s)):
+                return await future
+        except TimeoutError:
+            late = await self._late(ticket)
+            if late is None:
+                self.hooks.refused(caller, "timeout")
+                raise Refused("timeout", 1.0) from None
+            return late
+        except Refused:
+            self.hooks.refused(caller, "timeout")
+            raise
+
+    async def _late(self, ticket: str) -> tuple[str, int] | None:
         """The wait ran out: drop the place, unless a slot came meanwhile (then take it)."""
         if self._waiting.pop(ticket, None) is None and ticket in self._held:
-            return Grant(self._held[ticket], ticket, time.monotonic() - started)
-        status, key = await self._cancel(self.config(), ticket)
+            return self._held[ticket], 0
+        status, key, start_in = await self._cancel(self.config(), ticket)
         if status == "granted":
             self._held[ticket] = key
-            return Grant(key, ticket, time.monotonic() - started)
+            return key, start_in
         return None
 
     def _abandon(self, ticket: str) -> None:
@@ -248,7 +256,7 @@ class PoolFront(ABC):
             return
 
         async def cancel() -> None:
-            status, got = await self._cancel(self.config(), ticket)
+            status, got, _ = await self._cancel(self.config(), ticket)
             if status == "granted":
                 await self.release(Grant(got, ticket, 0.0), Outcome(reached=False))
 
@@ -321,13 +329,13 @@ class PoolFront(ABC):
     # --- the heartbeat -------------------------------------------------------------------
 
     def _deliver(self, pairs: Pairs) -> None:
-        for ticket, key in pairs:
+        for ticket, key, start_in in pairs:
             future = self._waiting.pop(ticket, None)
             if future is None:
                 continue  # another replica's waiter (it is told), or our own being granted right now
             self._held[ticket] = key
             if not future.done():
-                future.set_result(key)
+                future.set_result((key, start_in))
 
     def _start_pump(self) -> None:
         if self._closed:

@@ -53,7 +53,7 @@ class MemoryPool(PoolFront):
     async def _release(self, cfg: Config, ticket: str, spent: Spent) -> tuple[int, int, Pairs]:
         return self._core(cfg).release(ticket, spent)
 
-    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str]:
+    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]:
         return self._core(cfg).cancel(ticket)
 
     async def _balance(self, cfg: Config, key: str, balance: float | None) -> tuple[int, Pairs]:

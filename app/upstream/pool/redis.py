@@ -46,7 +46,8 @@ def _s(raw: Any) -> str:
 
 
 def _pairs(items: Sequence[Any]) -> Pairs:
-    return [(_s(items[i]), _s(items[i + 1])) for i in range(0, len(items) - 1, 2)]
+    """(ticket, key, µs until its start) triples from a script's flat answer."""
+    return [(_s(items[i]), _s(items[i + 1]), int(items[i + 2])) for i in range(0, len(items) - 2, 3)]
 
 
 class RedisPool(PoolFront):
@@ -118,19 +119,19 @@ class RedisPool(PoolFront):
     async def _poll(self, cfg: Config, waiting: Sequence[str], held: Sequence[str]) -> Polled:
         r = await self._run("poll", cfg, [len(waiting), *waiting, *held])
         n = int(r[2])
-        return int(r[0]), int(r[1]), _pairs(r[3 : 3 + 2 * n]), [_s(t) for t in r[3 + 2 * n :]]
+        return int(r[0]), int(r[1]), _pairs(r[3 : 3 + 3 * n]), [_s(t) for t in r[3 + 3 * n :]]
 
     async def _release(self, cfg: Config, ticket: str, spent: Spent) -> tuple[int, int, Pairs]:
         args = [ticket, spent.key, spent.effect, spent.cool_us, 1 if spent.billed else 0, spent.dur_us, spent.code]
         r = await self._run("release", cfg, args)
         return int(r[0]), int(r[1]), _pairs(r[2:])
 
-    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str]:
+    async def _cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]:
         try:
             r = await self._run("cancel", cfg, [ticket])
         except RedisDown:
-            return "gone", ""  # the place expires with its lease
-        return _s(r[0]), _s(r[1])
+            return "gone", "", 0  # the place expires with its lease
+        return _s(r[0]), _s(r[1]), int(r[2])
 
     async def _balance(self, cfg: Config, key: str, balance: float | None) -> tuple[int, Pairs]:
         await self._local.record_balance(key, balance)  # the fallback pool knows it too

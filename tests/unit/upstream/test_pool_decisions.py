@@ -69,7 +69,7 @@ class Decider:
     async def poll(self, cfg: Config, waiting: list[str], held: list[str]) -> tuple[int, int, Pairs, list[str]]:
         raise NotImplementedError
 
-    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str]:
+    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]:
         raise NotImplementedError
 
     async def balance(self, cfg: Config, name: str, value: float | None) -> tuple[int, Pairs]:
@@ -101,7 +101,7 @@ class MemoryDecider(Decider):
     async def poll(self, cfg: Config, waiting: list[str], held: list[str]) -> tuple[int, int, Pairs, list[str]]:
         return self.core(cfg).poll(waiting, held)
 
-    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str]:
+    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]:
         return self.core(cfg).cancel(ticket)
 
     async def balance(self, cfg: Config, name: str, value: float | None) -> tuple[int, Pairs]:
@@ -139,16 +139,16 @@ class RedisDecider(Decider):
     async def poll(self, cfg: Config, waiting: list[str], held: list[str]) -> tuple[int, int, Pairs, list[str]]:
         return await self.pool._poll(cfg, waiting, held)
 
-    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str]:
+    async def cancel(self, cfg: Config, ticket: str) -> tuple[str, str, int]:
         return await self.pool._cancel(cfg, ticket)
 
     async def balance(self, cfg: Config, name: str, value: float | None) -> tuple[int, Pairs]:
         r = await self.pool._run("balance", cfg, [name, "" if value is None else repr(float(value))])
-        return int(r[0]), [(_str(r[i]), _str(r[i + 1])) for i in range(1, len(r) - 1, 2)]
+        return int(r[0]), [(_str(r[i]), _str(r[i + 1]), int(r[i + 2])) for i in range(1, len(r) - 2, 3)]
 
     async def reloaded(self, cfg: Config) -> Pairs:
         r = await self.pool._run("reloaded", cfg, [])
-        return [(_str(r[i]), _str(r[i + 1])) for i in range(0, len(r) - 1, 2)]
+        return [(_str(r[i]), _str(r[i + 1]), int(r[i + 2])) for i in range(0, len(r) - 2, 3)]
 
     async def snapshot(self, cfg: Config) -> tuple[int, int, list[list[Any]], dict[str, int]]:
         now, waiting, rows, by_tenant = await self.pool._snapshot(cfg)
@@ -264,19 +264,27 @@ async def test_reserve_keys_take_over_when_no_primary_can(d: Decider) -> None:
     assert (await d.enqueue(cfg, "x:2", ask("a")))[0] == "queued"
     d.advance(0.01)
     _, _, granted = await d.release(cfg, "x:1", Spent("p", "exhausted", code="ERROR_NOT_ENOUGH_CREDITS"))
-    assert granted == [("x:2", "r")]
+    assert granted == [("x:2", "r", 0)]
 
 
 async def test_pacing_spaces_starts_per_key(d: Decider) -> None:
-    cfg = config(key("k", qps=10, conc=10))
+    cfg = config(key("k", qps=10, conc=10))  # starts 100 ms apart
     await hold(d, cfg, "x:1")
     status, _, hint, _, _ = await d.enqueue(cfg, "x:2", ask("a"))
     assert status == "queued"
-    assert hint == 100_000  # the next start is 100 ms after the first
-    d.advance(0.05)
+    assert hint == 50_000  # granted up to 50 ms (the horizon) before its start
+    d.advance(0.049)
     assert (await d.poll(cfg, ["x:2"], ["x:1"]))[2] == []
-    d.advance(0.05)
-    assert (await d.poll(cfg, ["x:2"], ["x:1"]))[2] == [("x:2", "k")]
+    d.advance(0.001)
+    assert (await d.poll(cfg, ["x:2"], ["x:1"]))[2] == [("x:2", "k", 50_000)], "it starts 100 ms after the first"
+
+
+async def test_a_burst_of_paced_calls_is_granted_at_once_with_staggered_starts(d: Decider) -> None:
+    cfg = config(key("k", qps=1000, conc=100))  # starts 1 ms apart
+    results = [await d.enqueue(cfg, f"x:{i:03d}", ask("a")) for i in range(60)]  # all at one instant
+    starts = [next(start for t, _, start in r[4] if t == f"x:{i:03d}") for i, r in enumerate(results[:51])]
+    assert [r[0] for r in results] == ["granted"] * 51 + ["queued"] * 9
+    assert starts == [i * 1000 for i in range(51)], "no two starts closer than the key's pace"
 
 
 async def test_two_keys_pace_independently(d: Decider) -> None:
@@ -302,7 +310,7 @@ async def test_a_throttled_key_cools_down_and_longer_cooldowns_win(d: Decider) -
     d.advance(2.9)
     assert (await d.poll(cfg, ["x:4"], []))[2] == []
     d.now = throttled_at + 3 * US
-    assert (await d.poll(cfg, ["x:4"], []))[2] == [("x:4", "k")]
+    assert (await d.poll(cfg, ["x:4"], []))[2] == [("x:4", "k", 0)]
 
 
 async def test_default_cooldown_without_retry_after(d: Decider) -> None:
@@ -408,11 +416,11 @@ async def test_a_cancelled_waiter_gives_back_its_place_and_its_tag(d: Decider) -
     await hold(d, cfg, "x:0", "z")
     await d.enqueue(cfg, "x:a1", ask("a"))
     await d.enqueue(cfg, "x:a2", ask("a"))
-    assert await d.cancel(cfg, "x:a2") == ("dropped", "")
+    assert await d.cancel(cfg, "x:a2") == ("dropped", "", 0)
     await d.enqueue(cfg, "x:b1", ask("b"))
     await d.enqueue(cfg, "x:a3", ask("a"))
     assert await drain(d, cfg, "x:0", 5) == ["x:a1", "x:b1", "x:a3"]
-    assert await d.cancel(cfg, "x:zz") == ("gone", "")
+    assert await d.cancel(cfg, "x:zz") == ("gone", "", 0)
 
 
 # --- leases ----------------------------------------------------------------------------------------
@@ -429,7 +437,7 @@ async def test_slots_and_places_of_a_silent_replica_expire(d: Decider) -> None:
     assert mine == [] and lost == [], "still held (renewed); the waiter renewed itself"
     d.advance(1.1)  # ... then its replica went silent
     _, _, mine, _ = await d.poll(cfg, ["y:wait"], [])
-    assert mine == [("y:wait", "k")]
+    assert mine == [("y:wait", "k", 0)]
     _, waiting, rows, _ = await d.snapshot(cfg)
     assert (waiting, rows[0][7]) == (0, 1)
 

@@ -25,6 +25,7 @@ local function config(pool_s, keys_s)
   local cfg = {gated = p[1] == '1', pool_conc = tonumber(p[2]), pool_interval = tonumber(p[3]),
                lease = tonumber(p[4]), max_total = tonumber(p[5]), max_tenant = tonumber(p[6]),
                cool = tonumber(p[7]), recheck = tonumber(p[8]), scan = tonumber(p[9]), lat0 = tonumber(p[10]),
+               horizon = tonumber(p[11]),
                keys = {}, by_name = {}}
   for _, item in ipairs(split(keys_s, '|')) do
     local f = split(item, ',')
@@ -78,7 +79,8 @@ local function load()
   local st = {inflight = {}, total = 0, tat = {}, state = {}, cool = {}, recheck = {}}
   local g = redis.call('HGETALL', GRANTED)
   for i = 2, #g, 2 do
-    st.inflight[g[i]] = (st.inflight[g[i]] or 0) + 1
+    local name = string.match(g[i], '^([^|]*)')
+    st.inflight[name] = (st.inflight[name] or 0) + 1
     st.total = st.total + 1
   end
   local names, fields = {'*'}, {}
@@ -131,11 +133,11 @@ end
 
 local function pool_free(st)
   if CFG.pool_conc > 0 and st.total >= CFG.pool_conc then return false end
-  return st.pool_tat <= NOW
+  return st.pool_tat <= NOW + CFG.horizon
 end
 
 local function free(st, k)
-  return health(st, k) == 'ok' and (st.inflight[k.name] or 0) < k.conc and st.tat[k.name] <= NOW
+  return health(st, k) == 'ok' and (st.inflight[k.name] or 0) < k.conc and st.tat[k.name] <= NOW + CFG.horizon
 end
 
 local function any_free(st)
@@ -159,15 +161,17 @@ local function pick(st, cands)
 end
 
 local function grant(st, ticket, w, k, v)
+  local start = math.max(NOW, st.tat[k.name])
+  if CFG.pool_interval > 0 then start = math.max(start, st.pool_tat) end
   redis.call('ZADD', SLOTS, NOW + CFG.lease, ticket)
-  redis.call('HSET', GRANTED, ticket, k.name)
+  redis.call('HSET', GRANTED, ticket, k.name .. '|' .. int(start))
   st.inflight[k.name] = (st.inflight[k.name] or 0) + 1
   st.total = st.total + 1
-  local tat = math.ceil(math.max(st.tat[k.name], NOW) + k.interval)
+  local tat = math.ceil(start + k.interval)
   st.tat[k.name] = tat
   redis.call('HSET', TAT, k.name, int(tat))
   if CFG.pool_interval > 0 then
-    st.pool_tat = math.ceil(math.max(st.pool_tat, NOW) + CFG.pool_interval)
+    st.pool_tat = math.ceil(start + CFG.pool_interval)
     redis.call('HSET', TAT, '*', int(st.pool_tat))
   end
   local s = tonumber(w.s)
@@ -178,7 +182,7 @@ local function grant(st, ticket, w, k, v)
   drop_waiter(ticket, false)
   local replica = string.match(ticket, '^([^:]*):')
   if replica ~= REPLICA then WOKEN[replica] = true end
-  return v
+  return v, start
 end
 
 local function dispatch(st)
@@ -194,9 +198,11 @@ local function dispatch(st)
         local w = parse_waiter(infos[i])
         local k = pick(st, candidates(st, w))
         if k ~= nil then
-          v = grant(st, ticket, w, k, v)
+          local start
+          v, start = grant(st, ticket, w, k, v)
           granted[#granted + 1] = ticket
           granted[#granted + 1] = k.name
+          granted[#granted + 1] = start - NOW
         end
       end
     end
@@ -215,11 +221,13 @@ local function hint(st)
     if not (CFG.gated and (st.state[k.name] == 'disabled' or st.state[k.name] == 'exhausted')) then
       local t = 0
       if CFG.gated and st.cool[k.name] > NOW then t = st.cool[k.name] end
-      if (st.inflight[k.name] or 0) < k.conc and st.tat[k.name] > NOW then t = math.max(t, st.tat[k.name]) end
+      if (st.inflight[k.name] or 0) < k.conc and st.tat[k.name] - CFG.horizon > NOW then
+        t = math.max(t, st.tat[k.name] - CFG.horizon)
+      end
       if t > NOW and (best == 0 or t < best) then best = t end
     end
   end
-  if best > 0 and st.pool_tat > best then best = st.pool_tat end
+  if best > 0 and st.pool_tat - CFG.horizon > best then best = st.pool_tat - CFG.horizon end
   if best > 0 then return best - NOW end
   return 0
 end

@@ -1,6 +1,6 @@
 -- A key's balance was read: a positive balance makes an exhausted key usable, none makes it exhausted.
 -- ARGV after the common head: 7 key name, 8 balance ('' = the read failed)
--- Returns {hint_us, granted ticket/key pairs...}
+-- Returns {hint_us, granted ticket/key/start-in-µs triples...}
 local name, raw = ARGV[7], ARGV[8]
 local state = redis.call('HGET', HEALTH, name .. ':state') or ''
 if raw == '' then

@@ -1,7 +1,7 @@
 -- One call asks for a slot: granted at once, queued in fair order, or refused at once.
 -- ARGV after the common head: 7 ticket, 8 tenant, 9 class (i|b), 10 own key ('-' = none), 11 fallback (0|1),
 --   12 cost (1 / weight), 13 budget µs (how long it may wait)
--- Returns {status, value, hint_us, depth, granted ticket/key pairs...}: status 'granted' (value = key name),
+-- Returns {status, value, hint_us, depth, granted ticket/key/start-in-µs triples...}: status 'granted' (value = key name),
 --   'queued', or a refusal 'nokey' | 'tenant' | 'full' | 'late' (value = retry µs)
 local ticket, tenant, cls, key = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local fallback, cost, budget = ARGV[11] == '1', tonumber(ARGV[12]), tonumber(ARGV[13])
@@ -47,7 +47,7 @@ local granted = dispatch(st)
 depth = redis.call('ZCARD', WAIT)
 finish()
 local status, value = 'queued', ''
-for i = 1, #granted, 2 do
+for i = 1, #granted, 3 do
   if granted[i] == ticket then status, value = 'granted', granted[i + 1] end
 end
 local out = {status, value, hint(st), depth}

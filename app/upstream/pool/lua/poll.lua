@@ -1,7 +1,7 @@
 -- A replica's heartbeat: renew the leases of its waiters and slots, dispatch, and say which of
 -- its waiters got a slot (or were lost: expired while it was not looking).
 -- ARGV after the common head: 7 number of waiting tickets n, 8..7+n waiting tickets, then held tickets
--- Returns {hint_us, depth, n_mine, mine ticket/key pairs..., lost tickets...}
+-- Returns {hint_us, depth, n_mine, mine ticket/key/start-in-µs triples..., lost tickets...}
 local n = tonumber(ARGV[7])
 local waiting, held = {}, {}
 for i = 8, 7 + n do waiting[#waiting + 1] = ARGV[i] end
@@ -21,18 +21,20 @@ local st = load()
 dispatch(st)
 local mine, lost = {}, {}
 if #waiting > 0 then
-  local names = redis.call('HMGET', GRANTED, unpack(waiting))
+  local values = redis.call('HMGET', GRANTED, unpack(waiting))
   for i, ticket in ipairs(waiting) do
-    if names[i] then
+    if values[i] then
+      local name, start = string.match(values[i], '^([^|]*)|(.*)$')
       mine[#mine + 1] = ticket
-      mine[#mine + 1] = names[i]
+      mine[#mine + 1] = name
+      mine[#mine + 1] = math.max(0, tonumber(start) - NOW)
     elseif not redis.call('ZSCORE', WAIT, ticket) then
       lost[#lost + 1] = ticket
     end
   end
 end
 finish()
-local out = {hint(st), redis.call('ZCARD', WAIT), #mine / 2}
+local out = {hint(st), redis.call('ZCARD', WAIT), #mine / 3}
 for _, item in ipairs(mine) do out[#out + 1] = item end
 for _, item in ipairs(lost) do out[#out + 1] = item end
 return out

@@ -1,7 +1,7 @@
 -- A call gives its slot back with what it learned about the key, then waiters are dispatched.
 -- ARGV after the common head: 7 ticket, 8 key name ('-' = nothing learned), 9 effect (ok|throttled|exhausted|disabled|-),
 --   10 cooldown µs (0 = the default), 11 billed (0|1), 12 duration µs (0 = not measured), 13 ailabapi code
--- Returns {hint_us, depth, granted ticket/key pairs...}
+-- Returns {hint_us, depth, granted ticket/key/start-in-µs triples...}
 local ticket, name, effect = ARGV[7], ARGV[8], ARGV[9]
 local cool_us, billed, dur, code = tonumber(ARGV[10]), ARGV[11] == '1', tonumber(ARGV[12]), ARGV[13]
 redis.call('ZREM', SLOTS, ticket)

@@ -4,7 +4,8 @@ local counts = {}
 local g = redis.call('HGETALL', GRANTED)
 for i = 1, #g, 2 do
   local score = redis.call('ZSCORE', SLOTS, g[i])
-  if score and tonumber(score) > NOW then counts[g[i + 1]] = (counts[g[i + 1]] or 0) + 1 end
+  local name = string.match(g[i + 1], '^([^|]*)')
+  if score and tonumber(score) > NOW then counts[name] = (counts[name] or 0) + 1 end
 end
 local rows = {}
 for _, k in ipairs(CFG.keys) do
