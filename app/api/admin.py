@@ -223,8 +223,13 @@ class UpstreamKeysView(BaseModel):
     waiting_by_tenant: dict[str, int]
 
 
-@router.get("/upstream-keys", summary="The upstream key pool: states, load, balances", response_model=UpstreamKeysView)
-async def upstream_keys(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
+@router.get(
+    "/upstream-keys",
+    summary="Read the upstream key pool: states, load, balances",
+    response_model=UpstreamKeysView,
+    responses=problems("upstream_unavailable"),
+)
+async def get_upstream_keys(rt: RuntimeDep, ctx: ContextDep, operator: OperatorDep) -> Response:
     """Which ailabapi keys exist (by name), their state, calls in flight, cooldown end and last
     balance, and the fair queue's depth — shared by all replicas. Never the keys themselves."""
     try:

@@ -41,6 +41,8 @@ ANALYZE_REFUSALS: Final = (
     "upstream_error",
     "upstream_credits",
     "upstream_unavailable",
+    "upstream_share_exceeded",
+    "upstream_keys_unavailable",
     "upstream_timeout",
 )
 

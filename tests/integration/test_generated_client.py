@@ -272,6 +272,16 @@ def get_tenant_usage(pkg: ModuleType, client: Any, anonymous: Any, gw: Gateway) 
     assert isinstance(missing.parsed, models.Problem)
 
 
+def get_upstream_keys(pkg: ModuleType, client: Any, anonymous: Any, gw: Gateway) -> None:
+    models, op = _models(pkg), _api(pkg, "admin", "get_upstream_keys")
+    with _operator(pkg, gw) as operator:
+        view = op.sync(client=operator)
+    assert isinstance(view, models.UpstreamKeysView)
+    (key,) = view.keys
+    assert isinstance(key, models.UpstreamKeyModel)
+    assert (key.name, key.tier, view.gated) == ("default", "primary", False)
+
+
 def get_metrics(pkg: ModuleType, client: Any, anonymous: Any, gw: Gateway) -> None:
     text = _api(pkg, "operations", "get_metrics").sync(client=anonymous)
     assert isinstance(text, str)
@@ -301,6 +311,7 @@ CALLS: dict[str, Callable[[ModuleType, Any, Any, Gateway], None]] = {
         delete_tenant_analysis,
         purge_image,
         get_tenant_usage,
+        get_upstream_keys,
     )
 }
 
