@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-from app import __version__, redisconn
+from app import __version__, redisconn, tracing
 from app.cache import CacheBackend, MemoryCache, RedisCache, TieredCache
 from app.intake import IntakeLimits, UploadGate
 from app.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -301,6 +301,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await credits.tick()
     credits.start()
     _install_sighup(tenants, keys, pool)
+    traced = tracing.configure(settings.otlp_endpoint or None)
     log.info(
         "facegate %s ready: %d tenant(s), upstream %s",
         __version__,
@@ -330,6 +331,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await close()
         if redis_client is not None:
             await redis_client.aclose()
+        if traced:
+            tracing.shutdown()
 
 
 async def _watch_tenants(store: TenantStore, keys: KeysStore, pool: PoolFront, every_s: float = 1.0) -> None:

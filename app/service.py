@@ -20,6 +20,7 @@ from typing import Literal
 
 import orjson
 
+from app import tracing
 from app.cache import CacheBackend, CacheError, TieredCache
 from app.context import CacheStatus, RequestContext
 from app.entry import Entry, EntryMemo
@@ -114,7 +115,9 @@ class AnalyzeService:
         ctx.image_bytes = upload.size
         key = self.key_for(tenant, upload.sha256)
         if not opts.no_cache:
-            found = await self._cache_get(key, tenant.policy.max_age_s)
+            with tracing.span("facegate.cache.lookup") as traced:
+                found = await self._cache_get(key, tenant.policy.max_age_s)
+                tracing.set_attributes(traced, **{"facegate.cache.hit": found is not None})
             if found is not None:
                 entry, ttl = found
                 await self._admit(ctx, tenant, reserve=False, record="hits")
@@ -239,7 +242,11 @@ class AnalyzeService:
 
     async def _admit(self, ctx: RequestContext, tenant: Tenant, *, reserve: bool, record: Record = None) -> Admission:
         try:
-            admission = await self.limiter.admit(tenant, reserve=reserve, record=record)
+            with tracing.span("facegate.admit", **{"facegate.reserve": reserve}) as traced:
+                admission = await self.limiter.admit(tenant, reserve=reserve, record=record)
+                tracing.set_attributes(
+                    traced, **{"facegate.allowed": admission.allowed, "facegate.refused": admission.reason}
+                )
         except QuotaUnavailable:
             if reserve and not self.config.quota_fail_open:
                 raise Problem(
@@ -387,7 +394,18 @@ class AnalyzeService:
             payload = ImagePayload(upload.filename, upload.body.content(), upload.mime)
             try:
                 async with renewing(lambda: self._renew(lease), self.config.lock_ttl_s / 3):
-                    answer = await self.upstream.call(payload, report, caller_of(tenant, opts))
+                    with tracing.span("facegate.upstream", **{"facegate.tenant": tenant.name}) as traced:
+                        try:
+                            answer = await self.upstream.call(payload, report, caller_of(tenant, opts))
+                        finally:
+                            tracing.set_attributes(
+                                traced,
+                                **{
+                                    "facegate.upstream.attempts": report.attempts,
+                                    "facegate.upstream.key": report.key,
+                                    "facegate.upstream.queued_s": round(report.queued_s, 6),
+                                },
+                            )
                 entry = self._entry(answer, upload)
             except UpstreamFailure as failure:
                 await settle(failure.billed)

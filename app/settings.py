@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         "closed", description="When Redis is down: refuse or allow billable calls."
     )
 
+    # --- tracing ---
+    otlp_endpoint: str = Field(
+        "", description="OpenTelemetry: send request traces to this OTLP/HTTP collector (empty = no tracing)."
+    )
+
     @field_validator("upstream_url")
     @classmethod
     def _url(cls, value: str) -> str:

@@ -26,16 +26,20 @@ import contextlib
 import logging
 import secrets
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.api.headers import context_headers
 from app.api.responses import is_compat, send_problem
 from app.context import RequestContext
 from app.errors import CATALOGUE, Problem
 from app.observability import Metrics
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("facegate")
 
@@ -82,6 +86,13 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if tracing.enabled():
+            with tracing.request_span(scope["method"], scope.get("path", "")) as root:
+                await self._serve(scope, receive, send, root)
+            return
+        await self._serve(scope, receive, send, None)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, root: Span | None) -> None:
         started = time.perf_counter()
         ctx = RequestContext(request_id=request_id_from(scope))
         scope.setdefault("state", {})["ctx"] = ctx
@@ -139,7 +150,9 @@ class EdgeMiddleware:
                 problem = Problem("internal_error", "facegate failed unexpectedly; the request id helps find out why")
                 await send_problem(send_wrapper, problem, ctx, compat=is_compat(scope))
         finally:
-            self._account(scope, ctx, status, time.perf_counter() - started)
+            if head and "route" in inner:
+                scope["route"] = inner["route"]
+            self._account(scope, ctx, status, time.perf_counter() - started, root)
 
     async def _drain(self, scope: Scope, ctx: RequestContext, receive: Receive) -> None:
         """Read and drop the body that still arrives after an early answer, within bounds.
@@ -177,9 +190,21 @@ class EdgeMiddleware:
             if gate is not None:
                 gate.release(holder)
 
-    def _account(self, scope: Scope, ctx: RequestContext, status: int, seconds: float) -> None:
+    def _account(self, scope: Scope, ctx: RequestContext, status: int, seconds: float, root: Span | None) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
         cache = ctx.cache.label if ctx.cache else None
+        if root is not None:
+            tracing.finish_request(
+                root,
+                method=scope["method"],
+                route=route,
+                status=status,
+                request_id=ctx.request_id,
+                tenant=ctx.tenant,
+                cache=cache,
+                outcome=ctx.outcome,
+                attempts=ctx.upstream_attempts,
+            )
         self.metrics.request_done(
             route,
             scope["method"],

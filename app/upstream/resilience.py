@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
+from app import tracing
 from app.errors import Problem
 from app.upstream import contract
 from app.upstream.ailabapi import ImagePayload, Upstream, UpstreamAnswer, UpstreamFailure
@@ -369,7 +370,11 @@ class ResilientUpstream:
     ) -> UpstreamAnswer:
         """One attempt on one key; tells the breaker and the pool its outcome."""
         try:
-            grant = await self.pool.acquire(caller, max(0.0, min(self._queue_timeout_s, deadline - time.monotonic())))
+            with tracing.span("facegate.upstream.queue") as traced:
+                grant = await self.pool.acquire(
+                    caller, max(0.0, min(self._queue_timeout_s, deadline - time.monotonic()))
+                )
+                tracing.set_attributes(traced, **{"facegate.upstream.key": grant.key})
         except Refused as refused:
             # Our own queue, not an upstream failure: the breaker is not told.
             self.breaker.abandon(permit)
@@ -394,7 +399,11 @@ class ResilientUpstream:
             report.attempts += 1
             started = time.monotonic()
             try:
-                answer = await upstream.analyze(image, timeout_s=remaining)
+                with tracing.span(
+                    "facegate.upstream.attempt",
+                    **{"facegate.upstream.key": grant.key, "facegate.upstream.attempt": report.attempts},
+                ):
+                    answer = await upstream.analyze(image, timeout_s=remaining)
             finally:
                 elapsed = time.monotonic() - started
                 report.upstream_s += elapsed
