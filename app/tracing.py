@@ -8,8 +8,8 @@ status, the outcome and the attempts — never a key, an image or a body. Spans 
 endpoint over HTTP/protobuf in batches; a slow or absent collector never delays an answer
 (the batch processor drops what it cannot send).
 
-When off, :func:`span` hands back one shared no-op context manager: no OpenTelemetry import
-on the way to an answer, a few hundred nanoseconds per step.
+When off, :func:`span` hands back one shared no-op context manager: facegate imports nothing of
+OpenTelemetry's SDK itself, and a step costs about 0.4 µs.
 """
 
 from __future__ import annotations
