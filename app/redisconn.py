@@ -18,7 +18,9 @@ from typing import Any, Final, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -41,9 +43,15 @@ class RedisDown(Exception):
     """Redis could not be used for this operation (error, timeout, or cooling down)."""
 
 
+def _no_retries() -> Retry:
+    """redis-py's retry policy for facegate: none (see :func:`connect`)."""
+    return Retry(NoBackoff(), 0)
+
+
 def _options(settings: Settings) -> dict[str, Any]:
     """The connection options facegate sets itself, whatever the topology (see :func:`connect`)."""
     return {
+        "retry": _no_retries(),
         "socket_timeout": None,
         "socket_connect_timeout": settings.redis_timeout_s,
         "health_check_interval": 30,
@@ -65,10 +73,19 @@ def connect(settings: Settings) -> RedisClient:
     gh-86296) — a cancelled request would then hang on. ``asyncio.timeout`` around the
     whole operation has no such gap.
 
+    No command is ever sent twice. redis-py (since 6) retries a command by default when
+    the connection fails — also when it failed after the command reached Redis and only
+    the reply was lost; for the quota scripts that runs a reservation or a refund twice
+    (a double refund is an over-admission). So its retries are off on every client here
+    (single, Sentinel's master and sentinels, Cluster): an unknown outcome surfaces as an
+    error, and :class:`RedisHealth` and the component's policy decide.
+
     Sentinel (``redis+sentinel://``): each new connection asks the sentinels where the
-    master is; after a failover the connections to the old master fail (refused, or
-    READONLY once it is demoted, which redis-py turns into a ConnectionError) and the next
-    ones go to the new master. Nothing needs a restart.
+    master is, and the client also follows the sentinels' announcements
+    (:class:`SentinelRedis`): a failover that promotes a replica while the old master still
+    answers (a stalled, not a dead, master) would otherwise leave the pooled connections
+    writing to the old master until the sentinels demote it, and those writes are then
+    thrown away. Nothing needs a restart.
 
     Cluster (``redis+cluster://``): the seed nodes tell the slot map; commands go to the
     slot's primary, MOVED/ASK and failovers refresh the map (redis-py retries a failed
@@ -85,6 +102,8 @@ def connect(settings: Settings) -> RedisClient:
     if target.kind == "sentinel":
         return _sentinel_master(settings, target)
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
+    # ``retry`` (in _options) is the Cluster client's own: without it, a command whose
+    # connection failed is sent again after a slot-map refresh, even when it had run.
     return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **_url_options(target), **_options(settings))
 
 
@@ -111,15 +130,182 @@ def _url_options(target: RedisTarget) -> dict[str, Any]:
     return options
 
 
+#: How long writes stay fenced after a sentinel starts promoting a replica, at most: until its
+#: ``+switch-master`` (or an abort) normally, about a second later.
+FENCE_MAX_S: Final = 5.0
+#: How often the sentinels are asked where the master is, in case an announcement was missed.
+SENTINEL_POLL_S: Final = 1.0
+
+
+class _FollowingPool(SentinelConnectionPool):
+    """Master connections that can be dropped at once when the sentinels announce a failover.
+
+    ``epoch`` counts the drops: a command that was on the wire across one may have run on
+    a master whose writes are being thrown away, so its outcome is unknown. Sentinels learn
+    of a switch one after the other: for a while after ``+switch-master`` one of them may
+    still name the old master, which is then not believed (``deposed``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.epoch = 0
+        self.fenced_until = 0.0
+        self.deposed: tuple[str, int] | None = None
+        self.deposed_until = 0.0
+
+    async def get_master_address(self) -> Any:
+        now = time.monotonic()
+        if now < self.fenced_until:
+            raise MasterNotFoundError("a sentinel is promoting a replica")
+        address = await self.sentinel_manager.discover_master(self.service_name)
+        if now < self.deposed_until and (address[0], int(address[1])) == self.deposed:
+            raise MasterNotFoundError("a sentinel still names the master that was just replaced")
+        if self.master_address is None:
+            self.master_address = address  # the first answer: there is no other master to leave
+        elif self.master_address != address:
+            await self.switch(address)
+        return address
+
+    async def switch(self, master: Any) -> None:
+        """``master`` (None: not known yet) from now on: close the idle connections now and the busy
+        ones when released (new ones ask the sentinels again)."""
+        self.epoch += 1
+        if master is not None:
+            self.master_address = master
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.disconnect(inuse_connections=False)
+        await self.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+
+
 class SentinelRedis(aioredis.Redis):
-    """The master's client; closing it also closes the connections to the sentinels."""
+    """The master's client: follows the sentinels, and closing it closes the sentinel connections.
+
+    redis-py asks the sentinels only when it opens a connection. After a failover caused by
+    a master that stalled (overloaded, paused, cut off from the sentinels) rather than died,
+    the old master answers again, and the pooled connections keep writing to it until the
+    sentinels demote it (about ten seconds) — and the demotion throws those writes away: for
+    quotas, reservations that vanish, i.e. over-admission. So this client subscribes to every
+    sentinel: when the elected sentinel starts promoting a replica
+    (``+failover-state-send-slaveof-noone``) all connections are dropped and new ones wait
+    (writes are refused: ``MasterNotFoundError``) until ``+switch-master`` names the new
+    master, an abort, or :data:`FENCE_MAX_S`; a command that was in flight across the drop
+    fails (its outcome is unknown) instead of reporting a write that may be lost. The
+    sentinels are also asked every :data:`SENTINEL_POLL_S` in case an announcement was missed.
+    """
 
     sentinels: Sentinel | None = None
+    master_name: str = ""
+    _follower: asyncio.Task[None] | None = None
+
+    @property
+    def _pool(self) -> _FollowingPool:
+        pool = self.connection_pool
+        assert isinstance(pool, _FollowingPool)
+        return pool
+
+    async def initialize(self) -> SentinelRedis:
+        if self._follower is None and self.sentinels is not None:
+            self._follower = asyncio.get_running_loop().create_task(self._follow(), name="sentinel-follower")
+        await super().initialize()
+        return self
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        await self.initialize()
+        epoch = self._pool.epoch
+        result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        if self._pool.epoch != epoch:
+            raise RedisConnectionError("the master changed while the command ran: its outcome is unknown")
+        return result
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(BaseException):
+                await self._follower
+            self._follower = None
         await super().aclose(close_connection_pool)
         if self.sentinels is not None:
             await self.sentinels.aclose()
+
+    async def _follow(self) -> None:
+        assert self.sentinels is not None
+        events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        listeners = [asyncio.create_task(_listen(s, events)) for s in self.sentinels.sentinels]
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(SENTINEL_POLL_S):
+                        channel, data = await events.get()
+                except TimeoutError:
+                    await self._poll()
+                    continue
+                await self._on_event(channel, data.split())
+        finally:
+            for task in listeners:
+                task.cancel()
+            await asyncio.gather(*listeners, return_exceptions=True)
+
+    async def _on_event(self, channel: str, words: list[str]) -> None:
+        pool = self._pool
+        if channel == "+switch-master":  # <name> <old ip> <old port> <new ip> <new port>
+            if len(words) == 5 and words[0] == self.master_name:
+                pool.fenced_until = 0.0
+                pool.deposed, pool.deposed_until = (words[1], int(words[2])), time.monotonic() + FENCE_MAX_S
+                new = (words[3], int(words[4]))
+                if pool.master_address != new:
+                    log.warning("redis sentinel: %s switched to a new master", self.master_name)
+                    await pool.switch(new)
+            return
+        # "<type> <name> <ip> <port> [@ <master name> <ip> <port>]"
+        master = words[words.index("@") + 1] if "@" in words else (words[1] if len(words) > 1 else "")
+        if master != self.master_name:
+            return
+        if channel == "+failover-state-send-slaveof-noone":
+            pool.fenced_until = time.monotonic() + FENCE_MAX_S
+            log.warning("redis sentinel: promoting a replica of %s; writes wait for the new master", master)
+            await pool.switch(None)
+        elif channel.startswith("-failover-abort"):
+            pool.fenced_until = 0.0
+
+    async def _poll(self) -> None:
+        pool = self._pool
+        if pool.master_address is None:
+            return
+        previous = pool.master_address
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(SENTINEL_POLL_S):
+                await pool.get_master_address()  # switches if the sentinels name another master
+        if pool.master_address != previous:
+            log.warning("redis sentinel: %s has a new master", self.master_name)
+
+
+async def _listen(sentinel: aioredis.Redis, events: asyncio.Queue[tuple[str, str]]) -> None:
+    """Feed one sentinel's failover announcements into ``events``; reconnect after any failure."""
+    while True:
+        pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe("+switch-master")
+            await pubsub.psubscribe("*failover*")
+            while True:
+                message = await pubsub.get_message(timeout=10.0)
+                if message is not None and message.get("type") in ("message", "pmessage"):
+                    events.put_nowait((_text(message["channel"]), _text(message["data"])))
+        except (RedisError, OSError, TimeoutError):
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _epoch(client: RedisClient) -> int:
+    """How often Sentinel's master connections were dropped (0 for other topologies)."""
+    pool = getattr(client, "connection_pool", None)
+    return pool.epoch if isinstance(pool, _FollowingPool) else 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _sentinel_master(settings: Settings, target: RedisTarget) -> aioredis.Redis:
@@ -130,6 +316,8 @@ def _sentinel_master(settings: Settings, target: RedisTarget) -> aioredis.Redis:
         "socket_connect_timeout": settings.redis_timeout_s,
         "decode_responses": False,
         "driver_info": None,
+        # A sentinel that is down is skipped at once, not retried with backoff first.
+        "retry": _no_retries(),
     }
     if settings.redis_sentinel_password is not None:
         sentinel_options["password"] = settings.redis_sentinel_password.get_secret_value()
@@ -138,9 +326,12 @@ def _sentinel_master(settings: Settings, target: RedisTarget) -> aioredis.Redis:
         sentinel_options.update({k: v for k, v in url_options.items() if k.startswith("ssl")})
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     options = {**url_options, **_options(settings)}
-    client = sentinel.master_for(target.master, redis_class=SentinelRedis, **options)
+    client = sentinel.master_for(
+        target.master, redis_class=SentinelRedis, connection_pool_class=_FollowingPool, **options
+    )
     assert isinstance(client, SentinelRedis)
     client.sentinels = sentinel
+    client.master_name = target.master
     return client
 
 
@@ -240,12 +431,14 @@ class Subscription:
         self._client = client
         self._channels = channels
         self._pubsub: Any = None
+        self._epoch = 0
         self._queue: asyncio.Queue[tuple[bytes, bytes] | BaseException] = asyncio.Queue()
         self._readers: list[asyncio.Task[None]] = []
 
     async def open(self, *, refresh: bool = False) -> None:
         client = self._client
         if not isinstance(client, RedisCluster):
+            self._epoch = _epoch(client)
             self._pubsub = client.pubsub(ignore_subscribe_messages=True)
             await self._pubsub.subscribe(*self._channels)
             return
@@ -280,6 +473,8 @@ class Subscription:
         if self._pubsub is None:
             raise RedisConnectionError("not subscribed")
         if not isinstance(self._client, RedisCluster):
+            if _epoch(self._client) != self._epoch:  # subscribed on a master Sentinel has replaced
+                raise RedisConnectionError("the master changed")
             message = await self._pubsub.get_message(timeout=wait_s)
             if message is not None and message.get("type") == "message":
                 return message["channel"], message["data"]

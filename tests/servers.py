@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import subprocess
@@ -229,6 +230,42 @@ class RedisServer:
 FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 
 
+def _replicas_acked(primary: RedisServer, replicas: int, key: str = "fixture:synced") -> bool:
+    """True when ``replicas`` replicas have acknowledged a write to ``primary`` (``key``, in its slots).
+
+    "Link up" is not enough: after a (diskless) full sync a Redis 7 primary holds back the
+    command stream until the replica's first acknowledgement, up to a second later, and a
+    primary lost in that second takes those writes with it. A write and WAIT on the same
+    connection (WAIT counts acknowledgements of the connection's own last write).
+    """
+    import redis
+
+    if replicas == 0:
+        return True
+    client = redis.Redis(port=primary.port, socket_timeout=2, socket_connect_timeout=1)
+    try:
+        client.incr(key)
+        return int(client.execute_command("WAIT", replicas, 500)) >= replicas
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _key_in(slots: str) -> str:
+    """A key whose slot is in ``slots`` (CLUSTER NODES' "0-5460 …" form)."""
+    from redis.crc import key_slot
+
+    ranges = [tuple(int(x) for x in part.split("-")) if "-" in part else (int(part), int(part))
+              for part in slots.split() if not part.startswith("[")]  # fmt: skip
+    for i in range(100_000):
+        key = f"fixture:synced:{i}"
+        slot = key_slot(key.encode())
+        if any(lo <= slot <= hi for lo, hi in ranges):
+            return key
+    raise RuntimeError(f"no key found for slots {slots}")
+
+
 def _wait(what: str, check: Callable[[], bool], timeout: float, describe: Callable[[], str] = str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -341,7 +378,17 @@ class RedisClusterServer:
             if repl.get("role") == "slave" and repl.get("master_link_status") != "up":
                 return False
         serving = [r for r in view if r["role"] == "master" and r["slots"]]
-        return len(serving) == len(self.nodes) // 2 and all(r["role"] == "replica" for r in view if r not in serving)
+        if len(serving) != len(self.nodes) // 2 or any(r["role"] != "replica" for r in view if r not in serving):
+            return False
+        by_port = {str(n.port): n for n in self.nodes}
+        replicas = {row["port"]: 0 for row in serving}
+        for node in running:
+            master_port = node.info("replication").get("master_port")
+            if master_port in replicas:
+                replicas[master_port] += 1
+        return all(
+            _replicas_acked(by_port[row["port"]], replicas[row["port"]], _key_in(row["slots"])) for row in serving
+        )
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until every running node says cluster_state:ok, all 16384 slots served, nobody failing."""
@@ -476,7 +523,7 @@ class RedisSentinelServer:
         for s in self.sentinels:
             if f"'sentinels': {len(self.sentinels)}" not in s.info("sentinel").get("master0", ""):
                 return False  # redis-py parses master0 into a dict: its str is what info() keeps
-        return True
+        return _replicas_acked(primary, sum(1 for n in self.data if n.running) - 1)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         _wait("redis sentinel setup healthy", self.healthy, timeout)
@@ -615,3 +662,81 @@ class ByteCountingProxy:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class ReplyDroppingProxy:
+    """TCP proxies to Redis servers that can lose one reply: the command reaches Redis and runs,
+    Redis answers, and the client's connection is cut before the answer reaches it.
+
+    That is what a network cut or a proxy restart does at the worst moment; a client that
+    then sends the command again runs it twice. One listening port per target (``ports``:
+    target port -> proxy port; ``url`` is the first target's); runs on the caller's event loop
+    (``async with``). ``arm(b"EVALSHA")`` loses the reply of the next command, on any of the
+    targets, that contains those bytes.
+    """
+
+    def __init__(self, *targets: tuple[str, int]) -> None:
+        self.targets = targets
+        self.ports: dict[int, int] = {}
+        self.dropped = 0
+        self._match: bytes | None = None
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[self.targets[0][1]]}/0"
+
+    def arm(self, match: bytes) -> None:
+        self._match = match.upper()
+
+    async def __aenter__(self) -> ReplyDroppingProxy:
+        for host, port in self.targets:
+            server = await asyncio.start_server(functools.partial(self._handle, target=(host, port)), "127.0.0.1", 0)
+            self._servers.append(server)
+            self.ports[port] = server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: tuple[str, int]
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection(*target)
+        lose_next = asyncio.Event()
+
+        async def to_redis() -> None:
+            while data := await reader.read(65536):
+                if self._match is not None and self._match in data.upper():
+                    self._match = None
+                    lose_next.set()  # before Redis can answer
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def to_client() -> None:
+            while data := await up_reader.read(65536):
+                if lose_next.is_set():  # Redis ran it and answered: the answer is lost
+                    self.dropped += 1
+                    writer.transport.abort()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        try:
+            pumps = [asyncio.ensure_future(to_redis()), asyncio.ensure_future(to_client())]
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        finally:
+            up_writer.close()
+            writer.close()
+            self._tasks.discard(task)
