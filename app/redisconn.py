@@ -104,7 +104,23 @@ def connect(settings: Settings) -> RedisClient:
     nodes = [ClusterNode(host, port) for host, port in target.nodes]
     # ``retry`` (in _options) is the Cluster client's own: without it, a command whose
     # connection failed is sent again after a slot-map refresh, even when it had run.
-    return RedisCluster(startup_nodes=nodes, require_full_coverage=False, **_url_options(target), **_options(settings))
+    return _Cluster(startup_nodes=nodes, require_full_coverage=False, **_url_options(target), **_options(settings))
+
+
+class _Cluster(RedisCluster):
+    """redis-py's Cluster client, made to load the slot map before anything else a command does.
+
+    redis-py 8.1 loads it lazily, inside the command's retry loop, after it has already chosen
+    nodes for the command; commands sent at once on a client that has no map yet (a cold
+    start, or the first ones after a failover marked it stale) then fail now and then with
+    "Connection closed by server" or "Connection lost" (its retries used to hide that by
+    sending them again). Loading the map first, under the client's lock, avoids it.
+    """
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._initialize:
+            await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 def is_cluster(client: RedisClient) -> bool:
