@@ -193,7 +193,8 @@ def row9(b: Bench) -> None:
     b.sim.limits(qps=5, qps_burst=5, max_concurrency=5)
     a, c = "bench-key-a-" + secrets.token_hex(4), "bench-key-b-" + secrets.token_hex(4)
     b.sim.accounts({a: 50, c: None})
-    keys = _keys_file(b, {"a": (a, {}), "b": (c, {})})
+    limits = {"qps": 5, "max_concurrency": 5}
+    keys = _keys_file(b, {"a": (a, limits), "b": (c, limits)})
     replicas = _replicas(b, 2, "pool-failover", {"FACEGATE_UPSTREAM_KEYS_FILE": str(keys)})
     outcomes: Counter[str] = Counter()
 
