@@ -50,7 +50,8 @@ class CreditsWatcher:
 
     @property
     def tick_s(self) -> float:
-        return max(0.1, min(5.0, self._recheck_s / 2))
+        """Often enough to recheck an exhausted key in time; the pool's gauges are read on each scrape."""
+        return max(0.1, min(30.0, self._recheck_s / 2))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="upstream-credits")
@@ -67,17 +68,18 @@ class CreditsWatcher:
         asyncio.get_running_loop().create_task(now())
 
     async def _run(self) -> None:
+        """Every tick (the lifespan ran the first one before serving), or at once when nudged."""
         while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.tick_s):
+                    await self._wake.wait()
+            self._wake.clear()
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down, a bad answer: try again next tick
                 log.warning("upstream credits check failed (%s)", type(exc).__name__)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.tick_s):
-                    await self._wake.wait()
 
     async def tick(self) -> PoolView:
         """Read the balances that are due; the pool's view after them."""

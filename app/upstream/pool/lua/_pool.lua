@@ -271,10 +271,13 @@ local function earliest_return(st, w)
   return 0
 end
 
--- Tell the other replicas whose waiters got slots, and keep the structures from living forever.
-local function finish()
+-- Tell the other replicas whose waiters got slots; ``touch``: keep the structures from living forever
+-- (a day after the last call or balance read; every call enqueues, so the other scripts need not).
+local function finish(touch)
   local woken = {}
   for replica, _ in pairs(WOKEN) do woken[#woken + 1] = replica end
   if #woken > 0 then redis.call(PUBLISH, CHANNEL, table.concat(woken, ' ')) end
-  for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], 86400000) end
+  if touch then
+    for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], 86400000) end
+  end
 end

@@ -24,7 +24,7 @@ end
 expire()
 local st = load()
 local granted = dispatch(st)
-finish()
+finish(true)
 local out = {hint(st)}
 for _, item in ipairs(granted) do out[#out + 1] = item end
 return out

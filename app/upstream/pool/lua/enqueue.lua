@@ -45,7 +45,7 @@ redis.call('HSET', FLOWS, w.flow, w.f)
 redis.call('HINCRBY', FLOWS, 'n:' .. tenant, 1)
 local granted = dispatch(st)
 depth = redis.call('ZCARD', WAIT)
-finish()
+finish(true)
 local status, value = 'queued', ''
 for i = 1, #granted, 3 do
   if granted[i] == ticket then status, value = 'granted', granted[i + 1] end

@@ -33,7 +33,7 @@ if #waiting > 0 then
     end
   end
 end
-finish()
+finish(false)
 local out = {hint(st), redis.call('ZCARD', WAIT), #mine / 3}
 for _, item in ipairs(mine) do out[#out + 1] = item end
 for _, item in ipairs(lost) do out[#out + 1] = item end

@@ -37,7 +37,7 @@ end
 expire()
 local st = load()
 local granted = dispatch(st)
-finish()
+finish(false)
 local out = {hint(st), redis.call('ZCARD', WAIT)}
 for _, item in ipairs(granted) do out[#out + 1] = item end
 return out

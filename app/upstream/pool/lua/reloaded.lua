@@ -7,5 +7,5 @@ for _, k in ipairs(CFG.keys) do
 end
 expire()
 local granted = dispatch(load())
-finish()
+finish(false)
 return granted
