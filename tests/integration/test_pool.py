@@ -28,6 +28,7 @@ import httpx
 import pytest
 
 from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
+from tests.unit.test_settings import run_cli
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -394,5 +395,16 @@ def test_operator_view_metrics_and_logs_name_keys_never_secrets(pool: Pool) -> N
     lines = [x for x in access_lines(gw) if x["route"] == "/v1/faces/analyze"]
     assert {x["upstream_key"] for x in lines} == {"main"}
     assert all(isinstance(x["queue_ms"], float) for x in lines)
-    everything = gw.logs() + metrics + json.dumps(view)
+    # The same view from the CLI, read from Redis (what `GET /admin/upstream-keys` shows).
+    env = {name: value for name, value in gw.env.items() if name.startswith(("FACEGATE_REDIS", "FACEGATE_UPSTREAM"))}
+    cli = run_cli("upstream", "status", "--json", env=env)
+    assert cli.returncode == 0, cli.stderr
+    fields = ("name", "tier", "state", "in_flight", "max_concurrency", "qps", "low_credits")
+    (shown,) = json.loads(cli.stdout)["keys"]
+    assert {f: shown[f] for f in fields} == {f: key[f] for f in fields}  # balances may have been re-read since
+    # The last balance read, less the calls billed since: 42 less the 3 calls, whenever it was read.
+    assert shown["balance"] - shown["billed_since_balance"] == 39
+    table = run_cli("upstream", "status", env=env)
+    assert table.stdout.splitlines()[1].split()[:3] == ["main", "primary", "low"]
+    everything = gw.logs() + metrics + json.dumps(view) + cli.stdout + table.stdout
     assert a not in everything
