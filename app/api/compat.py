@@ -14,12 +14,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.api.deps import ContextDep, OptionsDep, RuntimeDep, TenantDep
+from app.api.lean import LeanRoute
 from app.api.openapi import ANALYZE_EXTRA, AilabapiErrorDetail, Tag, header, problems
 from app.api.uploads import ANALYZE_REFUSALS, analyze_request
 from app.policy import strip_body
 from app.upstream import contract
 
-router = APIRouter()
+router = APIRouter(route_class=LeanRoute)
 
 
 class AilabapiAnalysis(BaseModel):

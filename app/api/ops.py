@@ -10,10 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
 from app.api.deps import RuntimeDep
+from app.api.lean import LeanRoute
 from app.api.openapi import Tag
 from app.api.responses import json_response
 
-router = APIRouter(tags=[Tag.OPERATIONS])
+router = APIRouter(tags=[Tag.OPERATIONS], route_class=LeanRoute)
 
 
 class Health(BaseModel):

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from app.api.deps import CallerDep, ContextDep, OptionsDep, RuntimeDep, TenantDep, operator_required
+from app.api.lean import LeanRoute
 from app.api.openapi import ANALYZE_EXTRA, Sha256Path, Tag, header, problems
 from app.api.responses import json_response
 from app.api.uploads import ANALYZE_REFUSALS, analyze_request
@@ -27,7 +28,7 @@ from app.schema.v1 import AnalysisV1
 from app.upstream.contract import Kind
 from app.usage_report import MAX_HISTORY_DAYS, UsageHistory, UsageReport, history_report, today_utc, usage_dict
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=LeanRoute)
 
 
 #: An analysis carries the cache's verdict; it can be read again by its image's hash.
