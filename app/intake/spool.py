@@ -43,27 +43,34 @@ class BufferBudget:
 
 class SpooledBody:
     """Bytes in memory up to a threshold (and within the process's budget), else in an
-    anonymous temporary file (``O_TMPFILE`` on Linux: it has no name and vanishes on close)."""
+    anonymous temporary file (``O_TMPFILE`` on Linux: it has no name and vanishes on close).
+
+    In memory, the chunks are kept as they were written — immutable ``bytes`` or read-only
+    views of them, as the server handed them over — and joined only when the body is needed
+    whole (:meth:`freeze`). Most bodies never are: a cache hit needs only the hash, so keeping
+    instead of copying saves a copy of every upload that is answered from the cache.
+    """
 
     def __init__(self, threshold: int, spool_dir: Path, budget: BufferBudget | None = None) -> None:
         self._threshold = threshold
         self._dir = spool_dir
         self._budget = budget or BufferBudget(threshold)
-        self._buf = bytearray()
+        self._parts: list[bytes | memoryview] = []
         self._held = 0  # bytes of the budget this body holds
         self._frozen: bytes | None = None
         self._file: IO[bytes] | None = None
         self.size = 0
 
     def write(self, chunk: bytes | memoryview) -> None:
+        """Take ``chunk``: it must not change afterwards (``bytes``, or a view of ``bytes``)."""
         self.size += len(chunk)
         if self._file is None:
             if self.size <= self._threshold and self._budget.take(len(chunk)):
                 self._held += len(chunk)
-                self._buf += chunk
+                self._parts.append(chunk)
                 return
             self._file = tempfile.TemporaryFile(dir=self._dir)  # noqa: SIM115 - closed in close()
-            self._file.write(self._buf)
+            self._file.writelines(self._parts)
             self._release_memory()
         self._file.write(chunk)
 
@@ -73,8 +80,8 @@ class SpooledBody:
         if self._file is not None:
             self._file.flush()
         elif self._frozen is None:
-            self._frozen = bytes(self._buf)
-            self._buf = bytearray()
+            self._frozen = b"".join(self._parts)
+            self._parts = []
 
     @property
     def spooled(self) -> bool:
@@ -111,7 +118,7 @@ class SpooledBody:
     def _release_memory(self) -> None:
         self._budget.give(self._held)
         self._held = 0
-        self._buf = bytearray()
+        self._parts = []
 
     def close(self) -> None:
         if self._file is not None:

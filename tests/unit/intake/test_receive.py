@@ -154,6 +154,8 @@ def test_well_formed_form_yields_exactly_the_image_however_it_is_split(
         assert result.size == len(JPEG)
         assert result.facts is not None
         assert (result.facts.width, result.facts.height) == (64, 48)
+        content = result.body.content()  # the chunks kept (or spooled) as they came, joined
+        assert (content if isinstance(content, bytes) else content.read()) == JPEG
     finally:
         result.close()
     assert list(tmp_path.iterdir()) == [], "spool files are anonymous and gone once closed"
