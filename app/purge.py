@@ -237,6 +237,14 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return now
 """
+_LOG = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return now
+"""
 _LIVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -253,8 +261,13 @@ class RedisInvalidator:
     every replica registered when it published has acknowledged — or has let its lease lapse,
     which means that replica stopped serving local copies. So once a deletion returns, no replica
     serves the deleted entry, even one cut off from Redis; and a replica that lost its
-    subscription keeps serving hot images through a short Redis outage (up to the lease) but
-    starts empty when it hears again (it may have missed deletions).
+    subscription keeps serving hot images through a short Redis outage (up to the lease).
+
+    Every invalidation is also kept for a while in ``{prefix}:inv:log`` (scored by Redis
+    time): a replica that hears again while its lease still runs reads what it missed since
+    its last renewal, applies and acknowledges it, and keeps its local copies — so hot images
+    are served through a failover of the Redis node that carries the channel. One that could
+    not catch up (or whose lease lapsed) starts empty.
     """
 
     def __init__(self, client: RedisClient, prefix: str, *, lease_s: float = 5.0) -> None:
@@ -262,10 +275,13 @@ class RedisInvalidator:
         self._channel = f"{prefix}:inv"
         self._ack_prefix = f"{prefix}:inv:ack:"
         self._replicas = f"{prefix}:inv:replicas"
+        self._log = f"{prefix}:inv:log"
         self._lease_s = lease_s
         self.ident = uuid.uuid4().hex
         self._register = client.register_script(_REGISTER)
         self._live = client.register_script(_LIVE)
+        self._record = client.register_script(_LOG)
+        self._renewed_at: int | None = None  # Redis time (ms) of the last lease renewal
         self._tasks: list[asyncio.Task[None]] = []
         self._heard_until = 0.0  # monotonic: local copies may be served until then
         self._serving = False
@@ -287,8 +303,25 @@ class RedisInvalidator:
     async def _beat(self) -> None:
         sent = time.monotonic()
         async with asyncio.timeout(1.0):
-            await self._register(keys=[self._replicas], args=[self.ident, int(self._lease_s * 1000)])
+            now = await self._register(keys=[self._replicas], args=[self.ident, int(self._lease_s * 1000)])
         self._heard_until = sent + self._lease_s - 1.0
+        self._renewed_at = int(now)
+
+    async def _catch_up(self, handler: Handler) -> bool:
+        """Apply what was published while this replica was deaf; False if it cannot tell."""
+        if self._renewed_at is None or time.monotonic() >= self._heard_until:
+            return False  # never heard, or the lease lapsed: the tier is off and empty anyway
+        for _ in range(3):  # read-only and idempotent: a pooled connection the outage broke may fail once
+            try:
+                async with asyncio.timeout(1.0):
+                    # Since the last renewal, with a margin for a subscription that died unnoticed before it.
+                    missed = await self._r.zrangebyscore(self._log, self._renewed_at - 2000, "+inf")
+                for data in missed:
+                    await self._apply(handler, data if isinstance(data, bytes) else str(data).encode())
+            except (TimeoutError, OSError, RuntimeError, aioredis.RedisError):
+                continue
+            return True
+        return False
 
     async def _listen(self, handler: Handler, on_health: Callable[[bool], None]) -> None:
         backoff, last_log = 0.1, -LOG_EVERY_S
@@ -296,7 +329,8 @@ class RedisInvalidator:
             subscription = redisconn.Subscription(self._r, [self._channel])
             try:
                 await subscription.open(refresh=backoff > 0.1)
-                self._set(on_health, False)  # deletions may have been missed while deaf: start empty
+                if not await self._catch_up(handler):
+                    self._set(on_health, False)  # deletions may have been missed while deaf: start empty
                 self.subscribed.set()
                 await self._beat()
                 self._set(on_health, True)
@@ -355,7 +389,11 @@ class RedisInvalidator:
         try:
             async with asyncio.timeout(self._lease_s):
                 live = {m.decode() for m in await self._live(keys=[self._replicas])}
-                await redisconn.publish(self._r, self._channel, inv.encode(ident))
+                message = inv.encode(ident)
+                # Kept for replicas that are deaf right now (four leases: longer than any of them
+                # can still be serving local copies without hearing).
+                await self._record(keys=[self._log], args=[message, int(self._lease_s * 4000)])
+                await redisconn.publish(self._r, self._channel, message)
         except (TimeoutError, OSError, aioredis.RedisError):
             raise CacheError("redis") from None
         confirmed: set[str] = set()

@@ -409,7 +409,10 @@ class RedisHealth:
             raise
         # RedisClusterException is not a RedisError: redis-py raises it when no node serves a
         # slot during a cluster failover (SlotNotCoveredError) or cannot map a command.
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # RuntimeError: uvloop refuses a write on a connection redis-py has just closed (its Cluster
+        # client closes connections during a failover) — "unable to perform operation on
+        # <TCPTransport closed=True>"; asyncio's own loop would report it as a lost connection.
+        except (RedisError, RedisClusterException, OSError, TimeoutError, RuntimeError) as exc:
             self._failed(component, exc)
             raise RedisDown(component) from None
         self._consecutive = 0

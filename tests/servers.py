@@ -665,7 +665,7 @@ class ByteCountingProxy:
 
 
 class ReplyDroppingProxy:
-    """TCP proxies to Redis servers that can lose one reply: the command reaches Redis and runs,
+    """TCP proxies to Redis servers that can lose one reply, or everything for a while (``cut``): the command reaches Redis and runs,
     Redis answers, and the client's connection is cut before the answer reaches it.
 
     That is what a network cut or a proxy restart does at the worst moment; a client that
@@ -682,6 +682,8 @@ class ReplyDroppingProxy:
         self._match: bytes | None = None
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._cut = False
 
     @property
     def url(self) -> str:
@@ -689,6 +691,15 @@ class ReplyDroppingProxy:
 
     def arm(self, match: bytes) -> None:
         self._match = match.upper()
+
+    def cut(self) -> None:
+        """Cut every connection and refuse new ones (a network partition) until :meth:`mend`."""
+        self._cut = True
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def mend(self) -> None:
+        self._cut = False
 
     async def __aenter__(self) -> ReplyDroppingProxy:
         for host, port in self.targets:
@@ -707,9 +718,13 @@ class ReplyDroppingProxy:
     async def _handle(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: tuple[str, int]
     ) -> None:
+        if self._cut:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         up_reader, up_writer = await asyncio.open_connection(*target)
         lose_next = asyncio.Event()
 
@@ -740,3 +755,4 @@ class ReplyDroppingProxy:
             up_writer.close()
             writer.close()
             self._tasks.discard(task)
+            self._writers.discard(writer)

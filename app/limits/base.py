@@ -73,10 +73,12 @@ class QuotaState:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """One billable call held against the tenant's quotas until settled."""
+    """One billable call held against the tenant's quotas until settled (once: a second
+    settlement of the same ``id`` changes nothing, so a settlement may be retried)."""
 
     tenant: str
     periods: tuple[str, str]  # (day, month) the reservation counted in
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,8 @@ class Limiter(Protocol):
     ) -> None:
         """Commit (``spent``: the upstream billed it) or refund a reservation; the history of the day
         it was admitted on counts the credit, the ``attempts`` made upstream, and whether another
-        replica's call answered it instead (``collapsed``)."""
+        replica's call answered it instead (``collapsed``). Exactly once per reservation: settling
+        it again changes nothing (a backend may retry a settlement it could not confirm)."""
 
     async def record(self, tenant: str, field: str) -> None:
         """Count one event (``refused:<code>``) in today's history of ``tenant``."""

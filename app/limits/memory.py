@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,8 @@ class MemoryLimiter:
         self._tenants: dict[str, _TenantCounters] = {}
         #: (tenant, YYYYMMDD) -> counters: the usage history, for the life of the process.
         self._history: dict[tuple[str, str], DayCounts] = {}
+        #: Reservations not settled yet (each is settled once).
+        self._open: set[str] = set()
 
     def _add(self, tenant: str, day: str, field: str, n: int = 1) -> None:
         counts = self._history.setdefault((tenant, day), {})
@@ -95,7 +98,8 @@ class MemoryLimiter:
                 return Admission(False, rate, quotas, "quota_exceeded", retry / US)
             day.used += 1
             month.used += 1
-            reservation = Reservation(tenant.name, (wins[0].period, wins[1].period))
+            reservation = Reservation(tenant.name, (wins[0].period, wins[1].period), uuid.uuid4().hex)
+            self._open.add(reservation.id)
         if record is not None:
             window_field = "hits" if record == "hits" else "misses"
             for w in (day, month):
@@ -109,6 +113,9 @@ class MemoryLimiter:
     async def settle(
         self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False
     ) -> None:
+        if reservation.id not in self._open:
+            return  # settled already
+        self._open.discard(reservation.id)
         day = reservation.periods[0]
         if spent:
             self._add(reservation.tenant, day, "credits")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 from app.limits.base import (
     Admission,
@@ -20,6 +25,13 @@ from app.limits.base import (
 from app.limits.gcra import US, available, interval_arg, interval_us
 from app.redisconn import RedisClient, RedisDown, RedisHealth
 from app.tenants import Tenant
+
+log = logging.getLogger("facegate.quota")
+
+#: A reservation's marker outlives any call that holds it (settled calls delete theirs).
+MARKER_TTL_MS: Final = 24 * 3600 * 1000
+#: How long a settlement Redis could not confirm is sent again (it is settled at most once).
+SETTLE_RETRY_FOR_S: Final = 300.0
 
 
 def _lua(name: str) -> str:
@@ -39,6 +51,13 @@ class RedisLimiter:
     Scripts are sent once and then called by SHA with ``EVALSHA``; redis-py's script
     object loads them again by itself when Redis answers NOSCRIPT (after a restart or a
     ``SCRIPT FLUSH``).
+
+    Each reservation leaves a marker key (``…:r:<id>``, same slot) that its settlement
+    consumes, so a settlement takes effect once however often it is sent. That makes
+    retrying safe: a settlement Redis could not confirm (down, failing over, the answer
+    lost) is sent again in the background for up to :data:`SETTLE_RETRY_FOR_S`; and a
+    reservation whose outcome is unknown (its admission failed that way) is refunded the
+    same way — if it was made at all.
     """
 
     def __init__(
@@ -56,10 +75,16 @@ class RedisLimiter:
         self._settle = client.register_script(_lua("settle"))
         self._usage = client.register_script(_lua("usage"))
         self._record = client.register_script(_lua("record"))
+        self._retrying: set[asyncio.Task[None]] = set()
+        self._logged_at = -60.0
 
     def keys(self, tenant: str) -> list[str]:
         base = f"{self._prefix}:q:{{{tenant}}}"
         return [f"{base}:rate", f"{base}:daily", f"{base}:monthly"]
+
+    def marker(self, tenant: str, reservation_id: str) -> str:
+        """The key that says reservation ``reservation_id`` of ``tenant`` is not settled yet."""
+        return f"{self._prefix}:q:{{{tenant}}}:r:{reservation_id}"
 
     def history_base(self, tenant: str) -> str:
         """``<this>:<YYYYMMDD>`` is a day of ``tenant``'s history (same {tenant} slot as its counters)."""
@@ -85,8 +110,16 @@ class RedisLimiter:
             _quota_arg(limits.monthly_quota),
             self._now(),
             record or "",
+            MARKER_TTL_MS,
         ]
-        r = await self._run(self._admit, [*self.keys(tenant.name), self.history_base(tenant.name)], args)
+        rid = uuid.uuid4().hex if reserve else ""
+        keys = [*self.keys(tenant.name), self.history_base(tenant.name), self.marker(tenant.name, rid)]
+        try:
+            r = await self._run(self._admit, keys, args)
+        except QuotaUnavailable:
+            if reserve:  # it may have been made: refund it once Redis answers (a no-op if it was not)
+                self._settle_later(Reservation(tenant.name, ("", ""), rid), "refund", 0, False)
+            raise
         allowed, reason, retry_us, remaining, tat_in = int(r[0]), r[1].decode(), int(r[2]), int(r[3]), int(r[4])
         quotas = (
             QuotaState("daily", limits.daily_quota, int(r[5]), int(r[6]) / US, int(r[7])),
@@ -97,15 +130,41 @@ class RedisLimiter:
                 rate = RateState.of(limits, 0, tat_in, retry_us)
                 return Admission(False, rate, quotas, "rate_limited", retry_us / US)
             return Admission(False, RateState.of(limits, remaining, tat_in), quotas, "quota_exceeded", retry_us / US)
-        reservation = Reservation(tenant.name, (r[11].decode(), r[12].decode())) if reserve else None
+        reservation = Reservation(tenant.name, (r[11].decode(), r[12].decode()), rid) if reserve else None
         return Admission(True, RateState.of(limits, remaining, tat_in), quotas, reservation=reservation)
 
     async def settle(
         self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False
     ) -> None:
-        keys = [*self.keys(reservation.tenant)[1:], self.history_base(reservation.tenant)]
-        args = [*reservation.periods, "spent" if spent else "refund", attempts, "1" if collapsed else "0"]
-        await self._run(self._settle, keys, args)
+        try:
+            await self._settle_once(reservation, "spent" if spent else "refund", attempts, collapsed)
+        except QuotaUnavailable:
+            self._settle_later(reservation, "spent" if spent else "refund", attempts, collapsed)
+
+    async def _settle_once(self, reservation: Reservation, how: str, attempts: int, collapsed: bool) -> None:
+        tenant = reservation.tenant
+        keys = [*self.keys(tenant)[1:], self.history_base(tenant), self.marker(tenant, reservation.id)]
+        await self._run(self._settle, keys, [how, attempts, "1" if collapsed else "0"])
+
+    def _settle_later(self, reservation: Reservation, how: str, attempts: int, collapsed: bool) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= 10.0:
+            self._logged_at = now
+            log.warning("quota backend unavailable: settling reservations later (logged at most every 10 s)")
+
+        async def retry() -> None:
+            delay, deadline = 0.25, time.monotonic() + SETTLE_RETRY_FOR_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delay)
+                with contextlib.suppress(QuotaUnavailable):
+                    await self._settle_once(reservation, how, attempts, collapsed)
+                    return
+                delay = min(delay * 2, 5.0)
+            log.error("could not %s a reservation of %s within %.0f s", how, reservation.tenant, SETTLE_RETRY_FOR_S)
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
 
     async def record(self, tenant: str, field: str) -> None:
         await self._run(self._record, [self.history_base(tenant)], [self._now(), field])
@@ -152,5 +211,11 @@ class RedisLimiter:
             now_s=now / US,
         )
 
-    async def close(self) -> None:
-        return None
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Give settlements that are being retried ``grace_s`` to get through, then stop them."""
+        if self._retrying:
+            await asyncio.wait(set(self._retrying), timeout=grace_s)
+        for task in set(self._retrying):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

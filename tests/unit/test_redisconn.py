@@ -68,3 +68,14 @@ async def test_cluster_errors_that_are_not_redis_errors_are_redis_down_too() -> 
 
     with pytest.raises(RedisDown):
         await RedisHealth().run("cache", uncovered)
+
+
+async def test_a_write_on_a_connection_closed_under_it_is_redis_down() -> None:
+    """uvloop raises RuntimeError for a write on a transport redis-py closed meanwhile (seen when the
+    Cluster client closes connections during a failover): a Redis failure, not a 500."""
+
+    async def closed() -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    with pytest.raises(RedisDown):
+        await RedisHealth().run("quota", closed)

@@ -1,9 +1,12 @@
 -- Rate limit (GCRA) + optional quota reservation + hit/miss count, atomically, in one round trip.
 -- Mirrored operation for operation by MemoryLimiter (app/limits/memory.py, app/limits/gcra.py): keep them equal.
--- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash, 4 history base  (one {tenant} slot)
+-- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash, 4 history base,
+--       5 the reservation's marker (written only if one is made)  (one {tenant} slot)
 -- ARGV: 1 interval_us, 2 burst, 3 reserve (0/1), 4 daily limit (-1 = none), 5 monthly limit (-1 = none),
 --       6 now override (tests; '' = Redis TIME), 7 record ('hits', 'misses', 'forced', 'collapsed' or '';
---       counted only if admitted; forced and collapsed are misses too)
+--       counted only if admitted; forced and collapsed are misses too), 8 marker TTL (ms)
+-- The marker ("<day> <month>": the periods it counted in) is what settle.lua consumes: a reservation is
+-- settled at most once, however often its settlement is sent.
 -- Returns {allowed, reason, retry_us, remaining, tat_minus_now_us,
 --          day_used, day_reset_in_us, day_len_s, month_used, month_reset_in_us, month_len_s, day, month}
 local now = now_us(ARGV[6])
@@ -38,6 +41,7 @@ if reserve then
   end
   dused = redis.call('HINCRBY', KEYS[2], 'used', 1)
   mused = redis.call('HINCRBY', KEYS[3], 'used', 1)
+  redis.call('SET', KEYS[5], day .. ' ' .. month, 'PX', ARGV[8])
 end
 if ARGV[7] ~= '' then
   local window_field = ARGV[7] == 'hits' and 'hits' or 'misses'

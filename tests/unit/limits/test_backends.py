@@ -301,6 +301,18 @@ async def test_usage_reads_without_changing(limiter: Limiter, clock: Clock) -> N
     assert fresh.credits_day == 0
 
 
+async def test_a_reservation_is_settled_once(limiter: Limiter) -> None:
+    """A settlement sent again (a retry after an unconfirmed one) changes nothing."""
+    t = tenant()
+    first, second = await reserve_n(limiter, t, 2)
+    assert first.reservation and second.reservation
+    for _ in range(2):
+        await limiter.settle(first.reservation, spent=False)
+        await limiter.settle(second.reservation, spent=True)
+    usage = await limiter.usage(t)
+    assert (usage.quotas[0].used, usage.credits_day) == (1, 1)
+
+
 async def test_refund_never_goes_below_zero(limiter: Limiter) -> None:
     t = tenant()
     (res,) = await reserve_n(limiter, t, 1)
@@ -324,7 +336,7 @@ def _view(a: Admission) -> tuple[Any, ...]:
         round(rate.reset_s, 6),
         round(rate.next_s, 6),
         tuple((q.name, q.limit, q.used, round(q.reset_s, 6), q.window_s) for q in a.quotas),
-        a.reservation,
+        a.reservation and (a.reservation.tenant, a.reservation.periods),  # ids are each backend's own
     )
 
 
@@ -346,13 +358,13 @@ async def test_memory_and_redis_decide_identically(redis_client: RedisClient, pr
             a = await mem.admit(t, reserve=reserve, record=record)  # type: ignore[arg-type]
             b = await red.admit(t, reserve=reserve, record=record)  # type: ignore[arg-type]
             assert _view(a) == _view(b), step
-            if a.reservation:
-                held.append(a.reservation)
+            if a.reservation and b.reservation:
+                held.append((a.reservation, b.reservation))
         elif op < 0.85 and held:
-            r = held.pop(rng.randrange(len(held)))
+            r_mem, r_red = held.pop(rng.randrange(len(held)))
             spent = rng.random() < 0.5
-            await mem.settle(r, spent=spent)
-            await red.settle(r, spent=spent)
+            await mem.settle(r_mem, spent=spent)
+            await red.settle(r_red, spent=spent)
         else:
             a_u, b_u = await mem.usage(t), await red.usage(t)
             assert a_u == b_u, step
@@ -388,7 +400,7 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_use_redis_time(redis_cli
     seconds, micros = await redis_client.time()
     today = windows_us(seconds * US + micros)[0].period
     history = [f"{lim.history_base('team-7')}:{today}", f"{lim.history_base('team-7')}:days"]
-    assert keys == sorted([*lim.keys("team-7"), *history])
+    assert keys == sorted([*lim.keys("team-7"), *history, lim.marker("team-7", a.reservation.id)])
     assert all("{team-7}" in k for k in keys)
     assert len({key_slot(k.encode()) for k in keys}) == 1, "one Redis Cluster slot per tenant"
     seconds, micros = await redis_client.time()
