@@ -665,8 +665,9 @@ class ByteCountingProxy:
 
 
 class ReplyDroppingProxy:
-    """TCP proxies to Redis servers that can lose one reply, or everything for a while (``cut``): the command reaches Redis and runs,
-    Redis answers, and the client's connection is cut before the answer reaches it.
+    """TCP proxies to Redis servers that can lose one reply (the command reaches Redis and runs,
+    Redis answers, and the client's connection is cut before the answer reaches it), or every
+    connection for a while (``cut``/``mend``: a network partition).
 
     That is what a network cut or a proxy restart does at the worst moment; a client that
     then sends the command again runs it twice. One listening port per target (``ports``:

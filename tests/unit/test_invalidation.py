@@ -37,9 +37,7 @@ def prefix(redis_url: str) -> Iterator[str]:
         sync.close()
 
 
-async def test_a_replica_that_was_deaf_briefly_catches_up_and_keeps_its_local_tier(
-    redis_url: str, prefix: str
-) -> None:
+async def test_a_replica_that_was_deaf_briefly_catches_up_and_keeps_its_local_tier(redis_url: str, prefix: str) -> None:
     parts = urlsplit(redis_url)
     async with ReplyDroppingProxy((parts.hostname or "127.0.0.1", parts.port or 6379)) as proxy:
         deaf_client = redisconn.connect(Settings(redis_url=proxy.url, _env_file=None))
