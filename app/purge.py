@@ -352,7 +352,8 @@ class RedisInvalidator:
                         max(0.0, self._heard_until - now),
                     )
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                # Soon again: hearing again within the lease keeps the local tier (see _catch_up).
+                backoff = min(backoff * 2, 0.5)
             finally:
                 await subscription.aclose()
 

@@ -183,7 +183,9 @@ def purge_backends(client: redisconn.RedisClient | None, settings: Settings) -> 
     if client is None:
         return MemoryIndex(), LocalInvalidator()
     health = redisconn.RedisHealth(timeout_s=settings.redis_timeout_s, failures=3)
-    return RedisIndex(client, health, settings.redis_prefix), RedisInvalidator(client, settings.redis_prefix)
+    return RedisIndex(client, health, settings.redis_prefix), RedisInvalidator(
+        client, settings.redis_prefix, lease_s=settings.invalidation_lease_s
+    )
 
 
 @contextlib.asynccontextmanager

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     singleflight_lock_ttl_s: float = Field(
         5.0, gt=0, description="Lease of a cross-replica leader, renewed while it works."
     )
+    invalidation_lease_s: float = Field(
+        5.0,
+        ge=2.0,
+        description="How long a replica that cannot hear deletions keeps serving its local tier (minus 1 s).",
+    )
 
     # --- images and uploads ---
     max_image_bytes: int = Field(contract.MAX_BYTES, ge=1, le=contract.MAX_BYTES)

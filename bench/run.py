@@ -23,10 +23,12 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import procs, wrkrun
+from bench.cluster_rows import CLUSTER_ROWS
 from bench.pool_rows import POOL_ROWS
 from bench.rows import ROWS, Bench, Line, Options, remove, selected, workdir
 
 ROWS.update(POOL_ROWS)
+ROWS.update(CLUSTER_ROWS)
 
 OUT = procs.ROOT / "BENCHMARKS.md"
 
@@ -169,7 +171,7 @@ def markdown(b: Bench, command: str, facts: list[tuple[str, str]], started: date
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n", 1)[0])
     p.add_argument("--quick", action="store_true", help="short runs (about a minute or two)")
-    p.add_argument("--rows", help="comma-separated rows to run (1-10); default all")
+    p.add_argument("--rows", help="comma-separated rows to run (1-11); default all")
     p.add_argument("--seconds", type=float, help="wrk run length (default 10, --quick 3)")
     p.add_argument("--connections", type=int, default=32, help="wrk connections for row 1 (default 32)")
     p.add_argument("--profile", action="store_true", help="record the hit path with py-spy (bench/profiles/)")

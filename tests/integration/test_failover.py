@@ -103,10 +103,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return int(head[0].split(" ")[1]), headers, body
 
 
-def start_replicas(sim_server: ServerProcess, tmp: Path, url: str) -> tuple[list[Gateway], str]:
+def victim_prefix(topology: RedisClusterServer | RedisSentinelServer) -> str:
+    """A key prefix whose invalidation channel (``<prefix>:inv``) is on the node that serves the
+    tenant's quota slot: killing it takes both (the worst case for hits and for billable calls)."""
+    prefix = "t" + uuid.uuid4().hex[:12]
+    if isinstance(topology, RedisClusterServer):
+        quota_node = topology.master_for(f"{{{TENANT}}}")
+        while topology.master_for(f"{prefix}:inv") is not quota_node:
+            prefix = "t" + uuid.uuid4().hex[:12]
+    return prefix
+
+
+def start_replicas(sim_server: ServerProcess, tmp: Path, url: str, prefix: str) -> list[Gateway]:
     tenants_file = tmp / "tenants.toml"
     keys = write_tenants(tenants_file, {TENANT: {"daily_quota": 1_000_000}}, {"rate_per_s": 100000, "burst": 100000})
-    prefix = "t" + uuid.uuid4().hex[:12]
     env = {**ENV, "FACEGATE_REDIS_URL": url, "FACEGATE_REDIS_PREFIX": prefix}
     dirs = []
     for i in range(3):
@@ -115,7 +125,7 @@ def start_replicas(sim_server: ServerProcess, tmp: Path, url: str) -> tuple[list
         (d / "tenants.toml").write_text(tenants_file.read_text())
         dirs.append(d)
     with ThreadPoolExecutor(3) as pool:
-        return list(pool.map(lambda d: start_gateway(Sim(sim_server), d, env=env, keys=keys), dirs)), prefix
+        return list(pool.map(lambda d: start_gateway(Sim(sim_server), d, env=env, keys=keys), dirs))
 
 
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
@@ -126,7 +136,8 @@ async def test_three_replicas_ride_out_a_primary_failover_under_load(
         "redis_cluster" if kind == "cluster" else "redis_sentinel"
     )
     sim.faults(latency_ms=20)
-    gateways, prefix = start_replicas(sim_server, tmp_path, topology.url)
+    prefix = victim_prefix(topology)
+    gateways = start_replicas(sim_server, tmp_path, topology.url, prefix)
     probe = redis_client(topology.url)
     try:
         hot = [unique_image("jpeg", 64, 64) for _ in range(HOT)]
@@ -136,7 +147,8 @@ async def test_three_replicas_ride_out_a_primary_failover_under_load(
                 assert gw.analyze(image, tenant=TENANT).status_code == 200
         workers = [asyncio.create_task(load.worker(i, hot_worker)) for i in range(3) for hot_worker in (True, False)]
         await asyncio.sleep(1.0)
-        # The primary that serves the tenant's quota slot: billable calls need it.
+        # The primary that serves the tenant's quota slot (billable calls need it) and the
+        # invalidation channel (a replica that cannot hear it must not serve its local tier for long).
         quota_key = f"{prefix}:q:{{{TENANT}}}:daily"
         probe.execute_command("WAIT", 1, 2000, **({"target_nodes": probe.get_primaries()} if kind == "cluster" else {}))
         victim = topology.kill_master(quota_key) if isinstance(topology, RedisClusterServer) else topology.kill_master()

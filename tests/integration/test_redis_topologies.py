@@ -13,7 +13,6 @@ import os
 import signal
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +26,7 @@ from app.limits.redis import RedisLimiter
 from app.redisconn import RedisDown, RedisHealth
 from app.settings import Settings
 from app.tenants import Limits, Tenant
-from tests.conftest import Sim, topology_url, unique_image
+from tests.conftest import topology_url
 from tests.servers import RedisClusterServer, RedisSentinelServer, ReplyDroppingProxy, redis_client
 
 pytestmark = [pytest.mark.redis]
@@ -88,55 +87,8 @@ async def test_sentinel_client_follows_a_failover_without_restart(redis_sentinel
         redis_sentinel.restore()
 
 
-def test_a_gateway_on_sentinel_caches_and_survives_a_failover(
-    redis_sentinel: RedisSentinelServer, gateway_factory: Any, sim: Sim, tmp_path: Path
-) -> None:
-    gw = gateway_factory(env={"FACEGATE_REDIS_URL": redis_sentinel.url, "FACEGATE_CACHE_MEMORY_MAX_BYTES": "0"})
-    first = unique_image()
-    assert gw.analyze(first).status_code == 200
-    assert gw.analyze(first).status_code == 200
-    assert sim.calls == 1  # the second answer came from the Redis cache behind Sentinel
-    probe = redis_client(redis_sentinel.url)
-    try:
-        probe.execute_command("WAIT", 1, 2000)
-    finally:
-        probe.close()
-    victim = redis_sentinel.kill_master()
-    try:
-        redis_sentinel.wait_failover(victim)
-        # Without a restart the gateway finds the new primary: a new image is paid for once,
-        # and the old one is still a hit (it was replicated before the failover).
-        second = unique_image()
-        deadline = time.monotonic() + 20
-        while gw.analyze(second).status_code != 200:
-            assert time.monotonic() < deadline, gw.logs()[-2000:]
-            time.sleep(0.1)
-        calls = sim.calls
-        assert gw.analyze(second).status_code == 200 and gw.analyze(first).status_code == 200
-        assert sim.calls == calls
-    finally:
-        redis_sentinel.restore()
-
-
-def test_a_gateway_on_a_cluster_survives_losing_a_primary(
-    redis_cluster: RedisClusterServer, gateway_factory: Any, sim: Sim
-) -> None:
-    """Cache on a real cluster (no local tier): after a primary is killed, it works again by itself."""
-    one = gateway_factory(env={"FACEGATE_REDIS_URL": redis_cluster.url, "FACEGATE_CACHE_MEMORY_MAX_BYTES": "0"})
-    assert one.analyze(unique_image()).status_code == 200
-    victim = redis_cluster.kill_master()
-    try:
-        redis_cluster.wait_failover(victim)
-        second = unique_image()
-        deadline = time.monotonic() + 20
-        while one.analyze(second).status_code != 200:
-            assert time.monotonic() < deadline, one.logs()[-2000:]
-            time.sleep(0.1)
-        calls = sim.calls
-        assert one.analyze(second).status_code == 200
-        assert sim.calls == calls  # a hit from the cluster after the failover, no restart
-    finally:
-        redis_cluster.restore()
+# A gateway surviving a failover (three replicas, traffic running, hits and quotas checked):
+# tests/integration/test_failover.py.
 
 
 # --- quota exactness when Redis misbehaves ------------------------------------------------
