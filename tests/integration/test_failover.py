@@ -10,7 +10,8 @@ a few hot images (hits) and a stream of new ones (billable misses). What must ho
 - quotas: every billable call the simulator answered is counted (nothing admitted is lost,
   nothing counted twice), and every reservation is settled;
 - nothing leaks: once the leases ran out, no single-flight lease, upstream slot or queue
-  place is left, and every key without a TTL is usage history (kept on purpose).
+  place is left, and every key without a TTL is usage history (kept on purpose);
+- ``facegate usage`` (and its history) reads the same counts from the topology.
 
 Run with ``-s`` to see what the failover cost: seconds of errors, answers by kind.
 """
@@ -20,18 +21,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import subprocess
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Gateway, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import RedisClusterServer, RedisSentinelServer, ServerProcess, redis_client
+from tests.conftest import PY, Gateway, Sim, start_gateway, unique_image, write_tenants
+from tests.servers import ROOT, RedisClusterServer, RedisSentinelServer, ServerProcess, redis_client
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -207,6 +211,24 @@ async def test_three_replicas_ride_out_a_primary_failover_under_load(
         # A crash loses the writes not yet replicated (about a millisecond of traffic here): a
         # reservation lost is one billable call not counted. None was lost in our runs; allow one.
         assert billed - 1 <= now["used"] <= billed, report
+
+        # The operator CLI reads the same counters and history from the topology.
+        env = {
+            **os.environ,
+            "FACEGATE_REDIS_URL": topology.url,
+            "FACEGATE_REDIS_PREFIX": prefix,
+            "FACEGATE_TENANTS_FILE": str(tmp_path / "tenants.toml"),
+        }
+
+        def cli(*args: str) -> Any:
+            argv = [PY, "-m", "app", "usage", "--tenant", TENANT, "--json", *args]
+            return json.loads(subprocess.run(argv, check=True, env=env, cwd=ROOT, capture_output=True).stdout)
+
+        (now_cli,) = await asyncio.to_thread(cli)
+        assert (now_cli["quotas"]["daily"]["used"], now_cli["credits_spent"]["day"]) == (billed, billed), now_cli
+        today = datetime.now(UTC).date().isoformat()
+        history = await asyncio.to_thread(cli, "--from", today, "--to", today)
+        assert history["tenants"][0]["totals"]["billable_calls"] == billed, history
 
         # Nothing leaks: no lease, slot or queue place left; only usage history lacks a TTL.
         for gw in gateways:

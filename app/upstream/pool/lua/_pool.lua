@@ -279,5 +279,11 @@ local function finish(touch)
   if #woken > 0 then redis.call(PUBLISH, CHANNEL, table.concat(woken, ' ')) end
   if touch then
     for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], 86400000) end
+  else
+    -- A structure this script emptied and filled again (a release's 'lat', a grant) is a new key:
+    -- it gets its day too, or it would have no TTL until the next call.
+    for i = 1, 8 do
+      if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], 86400000) end
+    end
   end
 end
