@@ -291,6 +291,38 @@ def start_gateway(
     return Gateway(server, keys, tenants_file, full_env)
 
 
+#: Parameter values that put a test on a Redis Cluster or on Sentinel (``redis_topology``, the
+#: cache suite's backends, a test's own ``kind``).
+_TOPOLOGY_PARAMS = {
+    "cluster": "cluster",
+    "redis-cluster": "cluster",
+    "sentinel": "sentinel",
+    "redis-sentinel": "sentinel",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Multi-process suites (``tests/integration/``) run on a Cluster or on Sentinel only where the
+    test's claim is about the topology: ``@pytest.mark.topology("cluster", "sentinel")`` names the
+    topologies a test must also pass on (hash tags and slots, sharded pub/sub, Sentinel's master
+    client, failover); the single-Redis run proves the rest. Unit suites run on every topology
+    (they are cheap)."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        kinds = {_TOPOLOGY_PARAMS[v] for v in params.values() if isinstance(v, str) and v in _TOPOLOGY_PARAMS}
+        marker = item.get_closest_marker("topology")
+        allowed = set(marker.args) if marker else set()
+        if kinds and "/tests/integration/" in str(item.path) and not kinds <= allowed:
+            dropped.append(item)
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # A developer's own FACEGATE_* settings must not leak into test gateways.
     for name in [n for n in os.environ if n.startswith("FACEGATE_") and not n.startswith("FACEGATE_TEST_")]:

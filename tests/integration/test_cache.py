@@ -84,8 +84,12 @@ def backend(
     }
     small_env = {**env, "FACEGATE_CACHE_MEMORY_MAX_BYTES": "8000"}  # two or three analyses
 
+    # Made here, not in the threads below: the session's first mktemp creates (and first clears) the
+    # base directory, and three threads doing that at once delete each other's directories.
+    dirs = {name: tmp_path_factory.mktemp(f"{request.param}-{name}") for name in ("main", "short", "small")}
+
     def start(name: str, env: dict[str, str]) -> Gateway:
-        return start_gateway(sim, tmp_path_factory.mktemp(f"{request.param}-{name}"), tenants=TENANTS, env=env)
+        return start_gateway(sim, dirs[name], tenants=TENANTS, env=env)
 
     gateways = in_parallel(
         lambda: start("main", env), lambda: start("short", short_env), lambda: start("small", small_env)
@@ -120,6 +124,7 @@ def lookup(gw: Gateway, digest: str, tenant: str = "alpha") -> httpx.Response:
 # --- hit and miss ---------------------------------------------------------------------------
 
 
+@pytest.mark.topology("cluster")
 def test_miss_then_hit_for_the_same_bytes(backend: Backend, sim: Sim) -> None:
     gw = backend.main
     image = unique_image(sim="faces=2")
@@ -277,6 +282,7 @@ def test_shared_scope_shares_one_entry(backend: Backend, sim: Sim) -> None:
 # --- lookup by hash ---------------------------------------------------------------------------
 
 
+@pytest.mark.topology("cluster")
 def test_lookup_by_hash(backend: Backend, sim: Sim) -> None:
     gw = backend.main
     image = unique_image(sim="faces=3")
@@ -346,6 +352,7 @@ def test_compat_route_and_v1_share_the_cache(backend: Backend, sim: Sim) -> None
 # --- collapsing in one process -------------------------------------------------------------------
 
 
+@pytest.mark.topology("cluster")
 def test_identical_concurrent_requests_in_one_process_make_one_call(backend: Backend, sim: Sim) -> None:
     gw = backend.main
     image = unique_image(sim="faces=1")

@@ -133,6 +133,7 @@ def start_replicas(sim_server: ServerProcess, tmp: Path, url: str, prefix: str) 
 
 
 @pytest.mark.parametrize("kind", ["cluster", "sentinel"])
+@pytest.mark.topology("cluster", "sentinel")
 async def test_three_replicas_ride_out_a_primary_failover_under_load(
     kind: str, request: pytest.FixtureRequest, sim_server: ServerProcess, sim: Sim, tmp_path: Path
 ) -> None:

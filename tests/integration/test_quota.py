@@ -152,6 +152,7 @@ def cluster(
             gw.server.stop()
 
 
+@pytest.mark.topology("cluster")
 async def test_three_replicas_2000_requests_daily_quota_500_exactly(cluster: list[Gateway], sim: Sim) -> None:
     results = await blast([gw.url for gw in cluster], cluster[0].key("exact"), small_images(2000))
     outcomes = Counter(status if status == 200 else (status, detail[0]) for status, detail in results)
@@ -206,6 +207,7 @@ async def test_three_replicas_failed_calls_are_refunded(cluster: list[Gateway], 
     assert usage(cluster[0], "flaky")["quotas"]["daily"]["used"] == 500
 
 
+@pytest.mark.topology("cluster")
 async def test_collapsed_followers_on_other_replicas_are_free_even_at_the_quota_edge(
     cluster: list[Gateway], sim: Sim
 ) -> None:

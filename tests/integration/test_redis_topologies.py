@@ -102,6 +102,7 @@ def _used(client: Any, prefix: str) -> int:
 
 
 @pytest.mark.parametrize("kind", ["single", "cluster"])
+@pytest.mark.topology("cluster")
 async def test_a_reply_lost_after_redis_ran_a_quota_script_is_not_counted_twice(
     kind: str, request: pytest.FixtureRequest
 ) -> None:

@@ -67,6 +67,7 @@ async def replicas(redis_topology: str) -> AsyncIterator[Replicas]:
             await client.aclose()
 
 
+@pytest.mark.topology("cluster", "sentinel")
 async def test_one_leader_and_its_outcome_reaches_the_other_replica(replicas: Replicas) -> None:
     lease = await replicas.a.acquire("k")
     assert lease is not None
@@ -80,6 +81,7 @@ async def test_one_leader_and_its_outcome_reaches_the_other_replica(replicas: Re
     assert await replicas.b.acquire("k") is not None  # released: the next one may lead
 
 
+@pytest.mark.topology("cluster")
 async def test_an_error_outcome_is_passed_on(replicas: Replicas) -> None:
     lease = await replicas.a.acquire("e")
     assert lease is not None
@@ -90,12 +92,14 @@ async def test_an_error_outcome_is_passed_on(replicas: Replicas) -> None:
         assert await waiting == Outcome("error", b'{"code":"upstream_error"}')
 
 
+@pytest.mark.topology("cluster")
 async def test_waiting_for_a_key_nobody_leads_returns_at_once(replicas: Replicas) -> None:
     async with asyncio.timeout(5):
         assert (await replicas.b.wait("free", 30)).kind == "abandoned"
     assert not replicas.b._waiters  # no waiter left behind
 
 
+@pytest.mark.topology("cluster")
 async def test_a_dead_leaders_lease_expires_and_another_replica_takes_over(replicas: Replicas) -> None:
     lease = await replicas.a.acquire("d")  # and then a "dies": no renewal, no release
     assert lease is not None
@@ -103,6 +107,7 @@ async def test_a_dead_leaders_lease_expires_and_another_replica_takes_over(repli
     assert await replicas.b.acquire("d") is not None  # the 0.3 s lease is gone
 
 
+@pytest.mark.topology("cluster")
 async def test_a_renewed_lease_outlives_its_ttl_and_a_stale_owner_cannot_touch_the_next(
     replicas: Replicas,
 ) -> None:
@@ -218,6 +223,7 @@ def by_gateway(answers: list[Sent]) -> dict[int, int]:
     return counts
 
 
+@pytest.mark.topology("cluster")
 def test_200_identical_uploads_over_3_processes_make_one_upstream_call(cluster: Cluster, sim: Sim) -> None:
     cluster.revive()
     gateways = cluster.gateways
