@@ -186,6 +186,9 @@ async def test_three_replicas_ride_out_a_primary_failover_under_load(
             "billable": Counter((a.status, a.code) for a in new),
             "errors from s": round(min((a.at for a in failed), default=0), 2),
             "errors until s": round(max((a.at for a in failed), default=0), 2),
+            "errors until s, by replica": [
+                round(max((a.at for a in failed if a.replica == i), default=0), 2) for i in range(3)
+            ],
             "failover done at s": round(promoted, 2),
         }
         assert {a.status for a in hits} == {200}, report  # no hit is lost...
