@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
-from app.redisconn import RedisClient, RedisDown, RedisHealth
+from app.redisconn import RedisClient, RedisDown, RedisHealth, Wire
 from app.upstream import contract
 
 T = TypeVar("T")
@@ -133,6 +133,7 @@ class RedisCache:
         on_error: Callable[[], None] | None = None,
     ) -> None:
         self._r = client
+        self._wire = Wire.of(client)
         self._health = health
         self._prefix = f"{prefix}:c:"
         #: Called once per operation that went on without the cache (facegate_cache_errors),
@@ -147,21 +148,19 @@ class RedisCache:
                 self._on_error()
             raise CacheError("redis") from None
 
-    async def get(self, key: str) -> tuple[bytes, float] | None:
-        async def op() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.get(self._prefix + key)
-                pipe.pttl(self._prefix + key)
-                result: list[Any] = await pipe.execute()
-                return result
+    def redis_key(self, key: str) -> str:
+        """The Redis key of ``key``'s entry."""
+        return self._prefix + key
 
-        value, pttl = await self._run(op)
+    async def get(self, key: str) -> tuple[bytes, float] | None:
+        name = self._prefix + key
+        value, pttl = await self._run(lambda: self._wire.pipeline([("GET", name), ("PTTL", name)]))
         if value is None:
             return None
         return bytes(value), (pttl / 1000.0 if pttl and pttl > 0 else 0.0)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._run(lambda: self._r.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000))))
+        await self._run(lambda: self._wire.call("SET", self._prefix + key, value, "PX", max(1, int(ttl_s * 1000))))
 
     async def delete(self, key: str) -> None:
         await self._run(lambda: self._r.delete(self._prefix + key))

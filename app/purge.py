@@ -131,6 +131,7 @@ class RedisIndex:
 
     def __init__(self, client: RedisClient, health: RedisHealth, prefix: str) -> None:
         self._r = client
+        self._wire = redisconn.Wire.of(client)
         self._health = health
         self._prefix = prefix
         self._tenants = f"{prefix}:ci:tenants"
@@ -149,12 +150,17 @@ class RedisIndex:
         ttl_ms = max(1, int(ttl_s * 1000))
 
         async def op() -> None:
-            await self._add(keys=[self.key(tenant)], args=[key, ttl_ms])
-            async with self._r.pipeline(transaction=False) as pipe:
-                pipe.sadd(self._tenants, tenant)
-                pipe.pexpire(self._tenants, ttl_ms, gt=True)
-                pipe.pexpire(self._tenants, ttl_ms, nx=True)
-                await pipe.execute()
+            replies = await self._wire.pipeline(
+                [
+                    redisconn.ScriptCall(self._add, [self.key(tenant)], [key, ttl_ms]),
+                    ("SADD", self._tenants, tenant),
+                    ("PEXPIRE", self._tenants, ttl_ms, "GT"),
+                    ("PEXPIRE", self._tenants, ttl_ms, "NX"),
+                ]
+            )
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
 
         await self._run(op)
 

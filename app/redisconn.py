@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -22,7 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from app.redisurl import RedisTarget
 from app.settings import Settings
@@ -366,6 +368,212 @@ async def warm(client: RedisClient, connections: int) -> bool:
 
     results = await asyncio.gather(*(one() for _ in range(connections)), return_exceptions=True)
     return not any(isinstance(r, BaseException) for r in results)
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """One EVALSHA of a registered script, as a command of :meth:`Wire.pipeline`."""
+
+    script: Any  # redis-py's AsyncScript (register_script)
+    keys: Sequence[Any]
+    args: Sequence[Any]
+
+
+#: A command of :meth:`Wire.pipeline`: the words of a Redis command, or a script call.
+Command = tuple[Any, ...] | ScriptCall
+
+#: Set by :func:`together`: commands issued meanwhile, by any task, are sent together.
+_TOGETHER: contextvars.ContextVar[bool] = contextvars.ContextVar("facegate_redis_together", default=False)
+#: Connections a wire keeps between commands (more in use at once go back to the pool after).
+_KEEP_IDLE: Final = 64
+
+
+@contextlib.contextmanager
+def together() -> Iterator[None]:
+    """Redis commands issued inside — also by tasks started inside (``asyncio.gather``) — in the
+    same turn of the event loop go to Redis as one write on one connection: one round trip for
+    writes that do not depend on each other (settle, store, release). No effect on a Cluster
+    (its commands go to several nodes) or without Redis."""
+    token = _TOGETHER.set(True)
+    try:
+        yield
+    finally:
+        _TOGETHER.reset(token)
+
+
+class Wire:
+    """The commands of the request path, without redis-py's per-command machinery.
+
+    redis-py runs each command through a retry wrapper, observability hooks, the pool's lock
+    and its events — about a tenth of a cache hit's CPU in Redis mode, more than the command's
+    own work (issue 16, bench/HISTORY.md). A wire sends packed commands on connections it
+    checked out of the client's pool once and keeps (the pool still owns them: closing the
+    client closes them), reads the replies, and returns the connection to its idle list.
+
+    - :meth:`call` and :meth:`script` (``EVALSHA``; a script Redis does not know yet is loaded
+      by redis-py's own script object, once) send one command, :meth:`pipeline` several in one
+      write; replies come back raw (no response callbacks: ``SET`` answers ``b"OK"``).
+    - Inside :func:`together`, commands of concurrent tasks go out together (one round trip).
+    - A connection is checked before each use (one Redis closed, or with unread data, is
+      reopened: :func:`_fresh`); one that failed is closed (it reconnects when next used).
+      A failed command is never sent again (no retries anywhere, see :func:`connect`): its
+      outcome is unknown, and the caller's policy decides.
+    - Sentinel (:class:`SentinelRedis`): a kept connection the pool marked when the master
+      changed is reopened (to the new master) before use, and a command that was on the wire
+      across a change fails, as with the client's own commands.
+
+    On a Redis Cluster a wire is only a front for the client's own methods (each command goes to
+    its slot's node, a pipeline's one after the other; no batching): the saving is for one Redis
+    and Sentinel's master.
+    """
+
+    def __init__(self, client: RedisClient) -> None:
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._ready = False
+        self._idle: list[Any] = []
+        self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def of(cls, client: RedisClient) -> Wire:
+        """The client's wire (one per client, made on first use)."""
+        wire: Wire | None = getattr(client, "_facegate_wire", None)
+        if wire is None:
+            wire = cls(client)
+            client._facegate_wire = wire  # type: ignore[union-attr]
+        return wire
+
+    async def call(self, *args: Any) -> Any:
+        return (await self.pipeline([args]))[0]
+
+    async def script(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        return (await self.pipeline([ScriptCall(script, keys, args)]))[0]
+
+    async def pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """The replies of ``commands``, in order. An error reply (a ``ResponseError``) is raised when
+        it is the only command, else returned in its place; a failed connection raises."""
+        if self._cluster:  # one after the other, in order, each to its slot's node
+            replies = []
+            for command in commands:
+                try:
+                    replies.append(await self._cluster_one(command))
+                except ResponseError as exc:
+                    replies.append(exc)
+        elif _TOGETHER.get():
+            loop = asyncio.get_running_loop()
+            futures = []
+            for command in commands:
+                future: asyncio.Future[Any] = loop.create_future()
+                if not self._pending:
+                    loop.call_soon(self._flush)
+                self._pending.append((command, future))
+                futures.append(future)
+            replies = list(await asyncio.gather(*futures, return_exceptions=True))
+        else:
+            replies = await self._exchange(commands)
+        for i, reply in enumerate(replies):
+            command = commands[i]
+            if isinstance(reply, NoScriptError) and isinstance(command, ScriptCall):
+                try:  # redis-py's script object loads the script and runs it
+                    replies[i] = await command.script(keys=list(command.keys), args=list(command.args))
+                except ResponseError as exc:
+                    replies[i] = exc
+        for reply in replies:
+            if isinstance(reply, BaseException) and (len(replies) == 1 or not isinstance(reply, ResponseError)):
+                raise reply
+        return replies
+
+    async def _cluster_one(self, command: Command) -> Any:
+        if isinstance(command, ScriptCall):
+            return await command.script(keys=list(command.keys), args=list(command.args))
+        return await self._client.execute_command(*command)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._send_pending(pending))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_pending(self, pending: list[tuple[Command, asyncio.Future[Any]]]) -> None:
+        try:
+            replies: list[Any] = await self._exchange([command for command, _ in pending])
+        except BaseException as exc:
+            replies = [exc] * len(pending)
+        for (_, future), reply in zip(pending, replies, strict=True):
+            if future.done():  # its caller gave up (timeout, cancelled)
+                continue
+            if isinstance(reply, BaseException):
+                future.set_exception(reply if not isinstance(reply, asyncio.CancelledError) else ConnectionError())
+            else:
+                future.set_result(reply)
+
+    async def _exchange(self, commands: Sequence[Command]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies (error replies in place)."""
+        if not self._ready:
+            await self._client.initialize()  # SentinelRedis starts following the sentinels here
+            self._ready = True
+        assert isinstance(self._client, aioredis.Redis)  # a Cluster's commands never come here
+        pool = self._client.connection_pool
+        conn = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await _fresh(conn)
+            epoch = getattr(pool, "epoch", None)
+            replies = await self._on(conn, commands)
+            if getattr(pool, "epoch", None) != epoch:  # as SentinelRedis.execute_command
+                raise RedisConnectionError("the master changed while the command ran: its outcome is unknown")
+            return replies
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            if len(self._idle) < _KEEP_IDLE:
+                self._idle.append(conn)
+            else:
+                await pool.release(conn)
+
+    @staticmethod
+    async def _on(conn: Any, commands: Sequence[Command]) -> list[Any]:
+        packed = conn.pack_commands(
+            [
+                ("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) if isinstance(c, ScriptCall) else c
+                for c in commands
+            ]
+        )
+        await conn.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # the reply was read whole: the connection is in step
+                replies.append(exc)
+        return replies
+
+    async def aclose(self) -> None:
+        """Give the kept connections back to the pool (the client's own close closes them)."""
+        for task in list(self._sending):
+            task.cancel()
+        idle, self._idle = self._idle, []
+        if isinstance(self._client, aioredis.Redis):
+            for conn in idle:
+                await self._client.connection_pool.release(conn)
+
+
+async def _fresh(conn: Any) -> None:
+    """Close a connection that must not be used as it is: one the pool was told to drop (a failover),
+    one Redis closed (a restart: the socket is at its end) or one with unread data. It reconnects
+    when used. redis-py's pool checks the last two only when its maintenance notifications are off
+    (they are on by default in redis-py 8), so a connection that sat in the pool across a Redis
+    restart would fail its first command."""
+    if conn.should_reconnect():
+        await conn.disconnect()
+    elif conn.is_connected:
+        try:
+            stale = await conn.can_read()
+        except (RedisConnectionError, OSError):
+            stale = True
+        if stale:
+            await conn.disconnect()
 
 
 class RedisHealth:

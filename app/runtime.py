@@ -332,6 +332,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(Exception):
                 await close()
         if redis_client is not None:
+            await redisconn.Wire.of(redis_client).aclose()
             await redis_client.aclose()
         if traced:
             tracing.shutdown()

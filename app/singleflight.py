@@ -220,6 +220,7 @@ class RedisCoordinator:
 
     def __init__(self, client: redisconn.RedisClient, health: RedisHealth, prefix: str, lock_ttl_s: float) -> None:
         self._r = client
+        self._wire = redisconn.Wire.of(client)
         self._health = health
         self._prefix = prefix
         self._channels = [f"{prefix}:sfc:{{s{n}}}" for n in range(SHARDS)]
@@ -281,7 +282,7 @@ class RedisCoordinator:
         token = uuid.uuid4().hex
         try:
             won = await self._health.run(
-                "singleflight", lambda: self._r.set(self.lease_key(key), token, nx=True, px=self._ttl_ms)
+                "singleflight", lambda: self._wire.call("SET", self.lease_key(key), token, "NX", "PX", self._ttl_ms)
             )
         except RedisDown:
             raise CacheError("redis") from None
@@ -292,7 +293,7 @@ class RedisCoordinator:
         try:
             kept = await self._health.run(
                 "singleflight",
-                lambda: self._renew(keys=[self.lease_key(lease.key)], args=[lease.token, self._ttl_ms]),
+                lambda: self._wire.script(self._renew, [self.lease_key(lease.key)], [lease.token, self._ttl_ms]),
             )
         except RedisDown:
             return False
@@ -305,7 +306,7 @@ class RedisCoordinator:
         self._waiters.setdefault(key, []).append(future)
         try:
             try:
-                held = await self._health.run("singleflight", lambda: self._r.exists(self.lease_key(key)))
+                held = await self._health.run("singleflight", lambda: self._wire.call("EXISTS", self.lease_key(key)))
             except RedisDown:
                 raise CacheError("redis") from None
             if not held:
@@ -330,8 +331,8 @@ class RedisCoordinator:
         try:
             await self._health.run(
                 "singleflight",
-                lambda: self._release(
-                    keys=[self.lease_key(lease.key)], args=[lease.token, channel, message, self._publish]
+                lambda: self._wire.script(
+                    self._release, [self.lease_key(lease.key)], [lease.token, channel, message, self._publish]
                 ),
             )
         except RedisDown:

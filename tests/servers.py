@@ -680,6 +680,8 @@ class ReplyDroppingProxy:
         self.targets = targets
         self.ports: dict[int, int] = {}
         self.dropped = 0
+        #: Round trips clients made: each time a client sends after its last answer (or first).
+        self.round_trips = 0
         self._match: bytes | None = None
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -728,9 +730,14 @@ class ReplyDroppingProxy:
         self._writers.add(writer)
         up_reader, up_writer = await asyncio.open_connection(*target)
         lose_next = asyncio.Event()
+        waiting = False
 
         async def to_redis() -> None:
+            nonlocal waiting
             while data := await reader.read(65536):
+                if not waiting:
+                    waiting = True
+                    self.round_trips += 1
                 if self._match is not None and self._match in data.upper():
                     self._match = None
                     lose_next.set()  # before Redis can answer
@@ -738,7 +745,9 @@ class ReplyDroppingProxy:
                 await up_writer.drain()
 
         async def to_client() -> None:
+            nonlocal waiting
             while data := await up_reader.read(65536):
+                waiting = False
                 if lose_next.is_set():  # Redis ran it and answered: the answer is lost
                     self.dropped += 1
                     writer.transport.abort()

@@ -23,7 +23,7 @@ from app.limits.base import (
     Usage,
 )
 from app.limits.gcra import US, available, interval_arg, interval_us
-from app.redisconn import RedisClient, RedisDown, RedisHealth
+from app.redisconn import RedisClient, RedisDown, RedisHealth, Wire
 from app.tenants import Tenant
 
 log = logging.getLogger("facegate.quota")
@@ -68,6 +68,7 @@ class RedisLimiter:
         clock: Clock | None = None,
     ) -> None:
         self._r = client
+        self._wire = Wire.of(client)
         self._health = health
         self._prefix = prefix
         self._clock = clock  # tests only: None means Redis TIME
@@ -95,7 +96,7 @@ class RedisLimiter:
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[Any]:
         try:
-            result: list[Any] = await self._health.run("quota", lambda: script(keys=keys, args=args))
+            result: list[Any] = await self._health.run("quota", lambda: self._wire.script(script, keys, args))
         except RedisDown:
             raise QuotaUnavailable() from None
         return result

@@ -1,14 +1,30 @@
-"""RedisHealth: bounded operations, and a cool-down only after repeated failures."""
+"""RedisHealth: bounded operations, and a cool-down only after repeated failures. Wire: the request
+path's commands (replies, batching with ``together``, scripts Redis forgot, connections across a
+Redis restart, and a lost reply never sent again), on a real Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import SlotNotCoveredError
+from redis.exceptions import ResponseError, SlotNotCoveredError
 
-from app.redisconn import COOLDOWN_S, RedisDown, RedisHealth
+from app.redisconn import (
+    COOLDOWN_S,
+    RedisClient,
+    RedisDown,
+    RedisHealth,
+    ScriptCall,
+    Wire,
+    connect,
+    together,
+    warm,
+)
+from app.settings import Settings
+from tests.servers import RedisServer, ReplyDroppingProxy
 
 
 class Clock:
@@ -79,3 +95,111 @@ async def test_a_write_on_a_connection_closed_under_it_is_redis_down() -> None:
 
     with pytest.raises(RedisDown):
         await RedisHealth().run("quota", closed)
+
+
+# --- Wire: the request path's commands on connections of its own ------------------------------
+
+
+@pytest.fixture
+async def wired(redis_url: str) -> AsyncIterator[tuple[RedisClient, Wire, str]]:
+    client = connect(Settings(redis_url=redis_url, _env_file=None))
+    prefix = "w" + uuid.uuid4().hex[:12]
+    try:
+        yield client, Wire.of(client), prefix
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+        await Wire.of(client).aclose()
+        await client.aclose()
+
+
+async def test_wire_answers_commands_scripts_and_pipelines_with_error_replies_in_place(
+    wired: tuple[RedisClient, Wire, str],
+) -> None:
+    client, wire, p = wired
+    assert Wire.of(client) is wire
+    script = client.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    assert await wire.call("SET", f"{p}:a", "1", "PX", 60_000) == b"OK"
+    assert await wire.script(script, [f"{p}:a"], [5]) == 6
+    replies = await wire.pipeline([("GET", f"{p}:a"), ("HGET", f"{p}:a", "x"), ScriptCall(script, [f"{p}:a"], [1])])
+    assert replies[0] == b"6"
+    assert isinstance(replies[1], ResponseError)  # WRONGTYPE, in its place
+    assert replies[2] == 7
+    with pytest.raises(ResponseError):
+        await wire.call("HGET", f"{p}:a", "x")  # alone: raised
+    assert await wire.call("GET", f"{p}:a") == b"7"  # the connection is still in step
+
+
+async def test_together_sends_concurrent_commands_as_one_round_trip(redis_url: str) -> None:
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
+    async with ReplyDroppingProxy((host, int(port))) as proxy:
+        client = connect(Settings(redis_url=proxy.url, _env_file=None))
+        wire, p = Wire.of(client), "w" + uuid.uuid4().hex[:12]
+        try:
+            await asyncio.gather(*(wire.call("PING") for _ in range(5)))  # connections open: only commands follow
+            before = proxy.round_trips
+            await asyncio.gather(*(wire.call("SET", f"{p}:{i}", i, "PX", 60_000) for i in range(5)))
+            assert proxy.round_trips - before == 5  # apart: one round trip each
+            before = proxy.round_trips
+            with together():
+                replies = await asyncio.gather(
+                    *(wire.call("INCR", f"{p}:{i}") for i in range(5)), wire.pipeline([("GET", f"{p}:0")] * 2)
+                )
+            assert proxy.round_trips - before == 1
+            assert replies == [1, 2, 3, 4, 5, [b"1", b"1"]]
+        finally:
+            await client.delete(*[f"{p}:{i}" for i in range(5)])
+            await wire.aclose()
+            await client.aclose()
+
+
+async def test_a_script_redis_forgot_is_loaded_and_run_once(own_redis: RedisServer) -> None:
+    client = connect(Settings(redis_url=own_redis.url, _env_file=None))
+    wire = Wire.of(client)
+    try:
+        script = client.register_script("return redis.call('INCR', KEYS[1])")
+        assert await wire.script(script, ["n"], []) == 1
+        await client.script_flush()  # as after a Redis restart
+        with together():
+            replies = await asyncio.gather(
+                wire.script(script, ["n"], []), wire.pipeline([ScriptCall(script, ["n"], [])])
+            )
+        assert sorted([replies[0], replies[1][0]]) == [2, 3]  # each ran once
+        assert await client.get("n") == b"3"
+    finally:
+        await wire.aclose()
+        await client.aclose()
+
+
+async def test_a_connection_kept_across_a_redis_restart_is_reopened(own_redis: RedisServer) -> None:
+    client = connect(Settings(redis_url=own_redis.url, _env_file=None))
+    wire = Wire.of(client)
+    try:
+        await warm(client, 4)  # connections in the pool that will sit there across the restart
+        await asyncio.gather(*(wire.call("PING") for _ in range(8)))  # some kept by the wire
+        own_redis.stop()
+        own_redis.start()
+        await asyncio.sleep(0.2)  # the event loop sees the old connections end (a server's loop always runs)
+        assert await asyncio.gather(*(wire.call("PING") for _ in range(8))) == [b"PONG"] * 8
+    finally:
+        await wire.aclose()
+        await client.aclose()
+
+
+async def test_a_command_whose_reply_was_lost_is_not_sent_again(redis_url: str) -> None:
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
+    async with ReplyDroppingProxy((host, int(port))) as proxy:
+        client = connect(Settings(redis_url=proxy.url, _env_file=None))
+        wire, key = Wire.of(client), "w" + uuid.uuid4().hex[:12]
+        try:
+            await wire.call("PING")
+            proxy.arm(b"INCR")
+            with pytest.raises(RedisConnectionError):
+                await wire.call("INCR", key)
+            assert proxy.dropped == 1
+            assert await wire.call("GET", key) == b"1"  # it ran once; the next command works
+        finally:
+            await client.delete(key)
+            await wire.aclose()
+            await client.aclose()
