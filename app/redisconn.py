@@ -560,9 +560,9 @@ class Wire:
 
 
 async def _fresh(conn: Any) -> None:
-    """Close a connection that must not be used as it is: one the pool was told to drop (a failover),
-    one Redis closed (a restart: the socket is at its end) or one with unread data. It reconnects
-    when used. redis-py's pool checks the last two only when its maintenance notifications are off
+    """Reopen a connection that must not be used as it is: one the pool was told to drop (a failover),
+    one Redis closed (a restart: the socket is at its end) or one with unread data. redis-py's pool
+    checks the last two only when its maintenance notifications are off
     (they are on by default in redis-py 8), so a connection that sat in the pool across a Redis
     restart would fail its first command."""
     if conn.should_reconnect():
@@ -574,6 +574,10 @@ async def _fresh(conn: Any) -> None:
             stale = True
         if stale:
             await conn.disconnect()
+    if not conn.is_connected:
+        # The connection's own connect(): Sentinel's asks the sentinels where the master is now.
+        # (Sending on a closed connection would reopen it to the address it had: the old master.)
+        await conn.connect()
 
 
 class RedisHealth:
