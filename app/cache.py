@@ -215,13 +215,17 @@ class TieredCache:
         self._drops += 1
         await self.local.delete_many(keys)
 
-    async def get(self, key: str) -> tuple[bytes, float] | None:
+    async def get(
+        self, key: str, shared: Callable[[], Awaitable[tuple[bytes, float] | None]] | None = None
+    ) -> tuple[bytes, float] | None:
+        """The local copy, else the shared entry (read by ``shared`` when given: a read that does
+        more in the same round trip, see ``AnalyzeService``), kept locally for the next time."""
         if self.local_enabled:
             found = await self.local.get(key)
             if found is not None:
                 return found
         drops = self._drops
-        found = await self.shared.get(key)
+        found = await (self.shared.get(key) if shared is None else shared())
         if found is not None and found[1] > 0 and self.local_enabled and drops == self._drops:
             await self.local.set(key, found[0], found[1])
         return found

@@ -235,7 +235,7 @@ class LocalInvalidator:
         return None
 
 
-_REGISTER = """
+REGISTER_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -284,7 +284,7 @@ class RedisInvalidator:
         self._log = f"{prefix}:inv:log"
         self._lease_s = lease_s
         self.ident = uuid.uuid4().hex
-        self._register = client.register_script(_REGISTER)
+        self._register = client.register_script(REGISTER_SCRIPT)
         self._live = client.register_script(_LIVE)
         self._record = client.register_script(_LOG)
         self._renewed_at: int | None = None  # Redis time (ms) of the last lease renewal

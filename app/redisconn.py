@@ -384,16 +384,19 @@ Command = tuple[Any, ...] | ScriptCall
 
 #: Set by :func:`together`: commands issued meanwhile, by any task, are sent together.
 _TOGETHER: contextvars.ContextVar[bool] = contextvars.ContextVar("facegate_redis_together", default=False)
+#: How many turns of the event loop a batch of :func:`together` may wait for more commands.
+_FLUSH_TURNS: Final = 3
 #: Connections a wire keeps between commands (more in use at once go back to the pool after).
 _KEEP_IDLE: Final = 64
 
 
 @contextlib.contextmanager
 def together() -> Iterator[None]:
-    """Redis commands issued inside — also by tasks started inside (``asyncio.gather``) — in the
-    same turn of the event loop go to Redis as one write on one connection: one round trip for
-    writes that do not depend on each other (settle, store, release). No effect on a Cluster
-    (its commands go to several nodes) or without Redis."""
+    """Redis commands issued inside — also by tasks started inside (``asyncio.gather``) — while
+    the event loop keeps adding to them (turn after turn, at most ``_FLUSH_TURNS``) go to Redis
+    as one write on one connection: one round trip for writes that do not depend on each other
+    (settle, store, release), and one write for concurrent requests' commands. No effect on a
+    Cluster (its commands go to several nodes) or without Redis."""
     token = _TOGETHER.set(True)
     try:
         yield
@@ -466,7 +469,7 @@ class Wire:
             for command in commands:
                 future: asyncio.Future[Any] = loop.create_future()
                 if not self._pending:
-                    loop.call_soon(self._flush)
+                    loop.call_soon(self._flush, 0, 0)
                 self._pending.append((command, future))
                 futures.append(future)
             replies = list(await asyncio.gather(*futures, return_exceptions=True))
@@ -489,7 +492,13 @@ class Wire:
             return await command.script(keys=list(command.keys), args=list(command.args))
         return await self._client.execute_command(*command)
 
-    def _flush(self) -> None:
+    def _flush(self, seen: int, turns: int) -> None:
+        """Send what is pending once a turn of the event loop added nothing more (at most
+        ``_FLUSH_TURNS`` turns late): tasks that a gather started in the turn that issued the
+        first command — a store and its index line beside a settle — issue theirs a turn later."""
+        if len(self._pending) != seen and turns < _FLUSH_TURNS:
+            asyncio.get_running_loop().call_soon(self._flush, len(self._pending), turns + 1)
+            return
         pending, self._pending = self._pending, []
         task = asyncio.get_running_loop().create_task(self._send_pending(pending))
         self._sending.add(task)

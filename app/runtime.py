@@ -28,7 +28,7 @@ from app.intake import IntakeLimits, UploadGate
 from app.limits import Limiter, MemoryLimiter, RedisLimiter
 from app.observability import Metrics
 from app.purge import CacheIndex, Invalidator, LocalInvalidator, MemoryIndex, Purger, RedisIndex, RedisInvalidator
-from app.service import AnalyzeService, ServiceConfig
+from app.service import AnalyzeService, HitReader, ServiceConfig
 from app.settings import Settings
 from app.singleflight import Coordinator, LocalCoordinator, RedisCoordinator
 from app.tenants import Limits, Tenant, TenantRegistry, TenantsFileError, TenantStore, hash_key
@@ -178,6 +178,17 @@ async def backends(
     return client, cache, RedisLimiter(client, health(), prefix), coordinator, redis_pool
 
 
+def hit_reader(client: redisconn.RedisClient | None, cache: CacheBackend, limiter: Limiter) -> HitReader | None:
+    """A hit read from Redis admitted by the same script (one round trip): one Redis or
+    Sentinel's master; not a Cluster, where the entry and the tenant's counters are on
+    different slots (two round trips there)."""
+    if client is None or redisconn.is_cluster(client) or not isinstance(limiter, RedisLimiter):
+        return None
+    if not isinstance(cache, TieredCache) or not isinstance(cache.shared, RedisCache):
+        return None
+    return HitReader(limiter, cache.shared.redis_key)
+
+
 def purge_backends(client: redisconn.RedisClient | None, settings: Settings) -> tuple[CacheIndex, Invalidator]:
     """The cache index and the invalidation bus: in memory for one process, else in Redis."""
     if client is None:
@@ -267,6 +278,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         coordinator=coordinator,
         on_spent=lambda tenant: metrics.credits.labels(tenant).inc(),
         index=index,
+        hits=hit_reader(redis_client, cache, limiter),
     )
 
     def hearing(ok: bool) -> None:

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Final, Literal, TypeGuard
 
 import orjson
 
@@ -26,8 +26,9 @@ from app.context import CacheStatus, RequestContext
 from app.entry import Entry, EntryMemo
 from app.errors import Problem
 from app.intake import Upload
-from app.limits import Admission, Limiter, QuotaUnavailable, Record, Reservation, Usage
+from app.limits import Admission, HitProbe, Limiter, QuotaUnavailable, Record, Reservation, Usage
 from app.purge import CacheIndex, Invalidation, MemoryIndex, cache_key_of
+from app.redisconn import together
 from app.schema.normalize import UpstreamFormatError
 from app.singleflight import Coordinator, Flights, Lease, Outcome, join, renewing
 from app.tenants import Tenant
@@ -67,6 +68,28 @@ class _FlightResult:
     queued_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class HitReader:
+    """A shared cache entry read by the hit's own admission (one Redis, not a Cluster: there the
+    entry and the tenant's counters live in different slots)."""
+
+    probe: HitProbe
+    entry_name: Callable[[str], str]  # a cache key's name in that Redis
+
+
+class _Held:
+    """A bid's answer when another replica holds the lead (see ``AnalyzeService._bid``)."""
+
+
+HELD: Final = _Held()
+#: A try for the lead: the lease, the answer (stored meanwhile), HELD, or None (no coordination).
+_Bid = Lease | _FlightResult | _Held | None
+
+
+def _is_lease(bid: _Bid | BaseException) -> TypeGuard[Lease]:
+    return bid is not None and not isinstance(bid, _FlightResult | _Held | BaseException)
+
+
 def caller_of(tenant: Tenant, opts: AnalyzeOptions) -> Caller:
     """How this request queues for the upstream: the tenant's share and key; batch if either says so."""
     share = tenant.upstream
@@ -89,8 +112,11 @@ class AnalyzeService:
         coordinator: Coordinator,
         on_spent: Callable[[str], None] | None = None,
         index: CacheIndex | None = None,
+        hits: HitReader | None = None,
     ) -> None:
         self.config = config
+        #: Reads a shared entry and admits the hit in one round trip (one Redis; None otherwise).
+        self._hits = hits if isinstance(cache, TieredCache) else None
         #: Told the tenant each time the upstream billed a call (metrics; kept free of HTTP).
         self._on_spent = on_spent
         self.cache = cache
@@ -111,18 +137,19 @@ class AnalyzeService:
 
     async def analyze(self, ctx: RequestContext, tenant: Tenant, upload: Upload, opts: AnalyzeOptions) -> Entry:
         """Answer for ``upload``: from the cache, from a call in flight, or from a new call."""
+        with together():  # independent Redis commands share round trips (see _reserve)
+            return await self._analyze(ctx, tenant, upload, opts)
+
+    async def _analyze(self, ctx: RequestContext, tenant: Tenant, upload: Upload, opts: AnalyzeOptions) -> Entry:
         ctx.tenant = tenant.name
         ctx.image_bytes = upload.size
         key = self.key_for(tenant, upload.sha256)
         if not opts.no_cache:
             with tracing.span("facegate.cache.lookup") as traced:
-                found = await self._cache_get(key, tenant.policy.max_age_s)
+                found = await self._hit(ctx, tenant, key)
                 tracing.set_attributes(traced, **{"facegate.cache.hit": found is not None})
             if found is not None:
-                entry, ttl = found
-                await self._admit(ctx, tenant, reserve=False, record="hits")
-                ctx.cache = CacheStatus(hit=True, ttl=ttl)
-                return entry
+                return found
             running = self.flights.get(key)
             if running is not None:
                 await self._admit(ctx, tenant, reserve=False, record="collapsed")
@@ -134,7 +161,7 @@ class AnalyzeService:
             await self.count_request(ctx, tenant)
             raise
         try:
-            admission = await self._admit(ctx, tenant, reserve=True, record="forced" if opts.no_cache else "misses")
+            admission, bid = await self._reserve(ctx, tenant, key, opts)
         except Problem as refused:
             # Over quota, but someone else may be paying for this very image (another replica).
             free = (
@@ -149,10 +176,16 @@ class AnalyzeService:
         ctx.cache = CacheStatus(hit=False, fwd=fwd)
         running = None if opts.no_cache else self.flights.get(key)
         if running is not None:  # started while we were reserving
+            if _is_lease(bid):  # its leader waits for this lease: hand it back
+                await self._release(bid, Outcome("abandoned"))
             await self._settle(admission.reservation, spent=False, collapsed=True)
             return await self._follow(ctx, running)
+        if isinstance(bid, _FlightResult):  # another replica stored it since our lookup
+            await self._settle(admission.reservation, spent=False, collapsed=True)
+            ctx.cache = CacheStatus(hit=False, fwd=fwd, collapsed=True)
+            return bid.entry
         upload.handed_off = True
-        work = lambda: self._lead(key, tenant, upload, admission.reservation, opts, ctx=ctx)  # noqa: E731
+        work = lambda: self._lead(key, tenant, upload, admission.reservation, opts, ctx=ctx, bid=bid)  # noqa: E731
         task = self.flights.start(None if opts.no_cache else key, work)
         try:
             result = await join(task, self.config.follow_timeout_s)
@@ -192,13 +225,7 @@ class AnalyzeService:
         (and nothing admitted or counted: the caller goes on) when there is none. The hash-first
         paths use it: a lookup, and an upload whose digest header names a cached image."""
         ctx.tenant = tenant.name
-        found = await self._cache_get(self.key_for(tenant, sha256), tenant.policy.max_age_s)
-        if found is None:
-            return None
-        entry, ttl = found
-        await self._admit(ctx, tenant, reserve=False, record="hits")
-        ctx.cache = CacheStatus(hit=True, ttl=ttl)
-        return entry
+        return await self._hit(ctx, tenant, self.key_for(tenant, sha256))
 
     async def count_request(self, ctx: RequestContext, tenant: Tenant) -> None:
         """Rate-limit a request that ended before the use case (e.g. a refused upload): every
@@ -240,6 +267,44 @@ class AnalyzeService:
 
     # --- steps ------------------------------------------------------------------------
 
+    async def _hit(self, ctx: RequestContext, tenant: Tenant, key: str) -> Entry | None:
+        """The cached entry of ``key``, this request admitted and counted as a hit; None (nothing
+        admitted or counted) when there is none. One Redis round trip either way: the local tier
+        plus the admission, or the shared entry read by the admission's own script."""
+        max_age_s = tenant.policy.max_age_s
+        hits = self._hits
+        admitted: list[Admission] = []
+        if hits is not None and max_age_s is None:  # (an age limit is judged on the decoded entry)
+            assert isinstance(self.cache, TieredCache)
+
+            async def read_and_admit() -> tuple[bytes, float] | None:
+                try:
+                    got = await hits.probe.admit_hit(tenant, hits.entry_name(key))
+                except QuotaUnavailable:
+                    return None  # Redis is failing: the miss path decides (fail-open or closed)
+                if got is None:
+                    return None
+                admitted.append(got[0])
+                return got[1], got[2]
+
+            try:
+                found_raw = await self.cache.get(key, read_and_admit)
+            except CacheError:
+                found_raw = None
+            found = None if found_raw is None else self._decoded(key, found_raw, None)
+            if admitted:
+                self._judge(ctx, tenant, admitted[0])
+                # An unreadable entry was admitted as a hit: the miss path admits again (rare).
+        else:
+            found = await self._cache_get(key, max_age_s)
+        if found is None:
+            return None
+        if not admitted:
+            await self._admit(ctx, tenant, reserve=False, record="hits")
+        entry, ttl = found
+        ctx.cache = CacheStatus(hit=True, ttl=ttl)
+        return entry
+
     async def _admit(self, ctx: RequestContext, tenant: Tenant, *, reserve: bool, record: Record = None) -> Admission:
         try:
             with tracing.span("facegate.admit", **{"facegate.reserve": reserve}) as traced:
@@ -265,6 +330,11 @@ class AnalyzeService:
                 )
             ctx.outcome = "quota_fail_open"
             return Admission(allowed=True, rate=None)
+        self._judge(ctx, tenant, admission)
+        return admission
+
+    def _judge(self, ctx: RequestContext, tenant: Tenant, admission: Admission) -> None:
+        """Record ``admission`` for the response's headers; its refusal as the problem to answer."""
         ctx.admission = admission
         if not admission.allowed:
             if admission.reason == "rate_limited":
@@ -276,7 +346,44 @@ class AnalyzeService:
             raise Problem(
                 "quota_exceeded", "this tenant's quota of billable calls is used up", retry_after=admission.retry_after
             )
-        return admission
+
+    async def _reserve(
+        self, ctx: RequestContext, tenant: Tenant, key: str, opts: AnalyzeOptions
+    ) -> tuple[Admission, _Bid]:
+        """The quota reservation and a first bid for the lead across replicas (:meth:`_bid`), at
+        once: independent commands, so inside :func:`together` one round trip (two on a Cluster,
+        where they go to different nodes). A refusal gives the lease back; a failed bid refunds."""
+        record: Record = "forced" if opts.no_cache else "misses"
+        if opts.no_cache:  # a forced call does not coordinate: it is not joined
+            return await self._admit(ctx, tenant, reserve=True, record=record), None
+        admitted, bid = await asyncio.gather(
+            self._admit(ctx, tenant, reserve=True, record=record),
+            self._bid(key, tenant.policy.max_age_s),
+            return_exceptions=True,
+        )
+        if isinstance(admitted, BaseException):
+            if _is_lease(bid):
+                await self._release(bid, Outcome("abandoned"))
+            raise admitted
+        if isinstance(bid, BaseException):
+            await self._settle(admitted.reservation, spent=False)
+            raise bid
+        return admitted, bid
+
+    async def _bid(self, key: str, max_age_s: float | None) -> _Bid:
+        """One try for the lead of ``key``, with a look at the cache taken just after it (in one
+        write: what a leader stored before releasing its lease is seen): the answer when it is
+        there (any lease won is handed back), else the lease, ``HELD`` (another replica leads),
+        or None (coordination unavailable: lead without a lease)."""
+        try:
+            lease, found = await asyncio.gather(self.coordinator.acquire(key), self._cache_get(key, max_age_s))
+        except CacheError:
+            return None
+        if found is not None:
+            if lease is not None:
+                await self._release(lease, Outcome("abandoned"))
+            return _FlightResult(found[0], "cached", False, 0, None)
+        return lease if lease is not None else HELD
 
     async def _settle(
         self, reservation: Reservation | None, *, spent: bool, attempts: int = 0, collapsed: bool = False
@@ -295,8 +402,9 @@ class AnalyzeService:
             found = await self.cache.get(key)
         except CacheError:
             return None
-        if found is None:
-            return None
+        return None if found is None else self._decoded(key, found, max_age_s)
+
+    def _decoded(self, key: str, found: tuple[bytes, float], max_age_s: float | None) -> tuple[Entry, float] | None:
         entry = self._entries.decode(key, found[0])
         if entry is None or (max_age_s is not None and entry.age_s() > max_age_s):
             return None
@@ -361,6 +469,7 @@ class AnalyzeService:
         opts: AnalyzeOptions,
         *,
         ctx: RequestContext | None = None,
+        bid: _Bid = None,
     ) -> _FlightResult:
         """The flight: win leadership across replicas, call, store, settle, announce.
 
@@ -386,7 +495,7 @@ class AnalyzeService:
 
         try:
             if not opts.no_cache:
-                won = await self._win(key, tenant.policy.max_age_s)
+                won = await self._win(key, tenant.policy.max_age_s, bid)
                 if isinstance(won, _FlightResult):
                     await settle(False, collapsed=True)
                     return won
@@ -423,13 +532,15 @@ class AnalyzeService:
                 and not self._deleted_since(seen, key, tenant.name)
             )
             stored = entry.without(policy.omit).encode() if cacheable and policy.omit else data
-            # Three independent Redis writes (quota, cache, lease + notification) in parallel:
-            # each is a round trip, and they are on the path of every paid answer.
-            _, was_stored, _ = await asyncio.gather(
+            # Independent Redis writes (quota, cache + index, lease + notification, the key
+            # slot's release) at once: inside together() one round trip on the paid path.
+            finished = await asyncio.gather(
                 settle(answer.billed),
                 self._cache_set(key, entry, stored, tenant) if cacheable else _false(),
                 self._release(lease, Outcome("done", data)),
+                *report.finishing,
             )
+            was_stored = bool(finished[1])
             lease = None
             return _FlightResult(
                 entry, "fresh", was_stored, report.attempts, report.upstream_s, report.key, report.queued_s
@@ -445,24 +556,20 @@ class AnalyzeService:
             if not self._flights_since[seen]:
                 del self._flights_since[seen]
 
-    async def _win(self, key: str, max_age_s: float | None) -> Lease | _FlightResult | None:
-        """Lead ``key`` across replicas, or end up with the answer another replica produced.
+    async def _win(self, key: str, max_age_s: float | None, bid: _Bid = None) -> Lease | _FlightResult | None:
+        """Lead ``key`` across replicas, or end up with the answer another replica produced,
+        starting from the first ``bid`` when the request made one (:meth:`_reserve`).
 
         None means "lead without a lease": coordination is unavailable, and paying for
         a duplicate call beats failing a request that could be served.
         """
         deadline = time.monotonic() + self.config.follow_timeout_s
         while True:
-            try:
-                lease = await self.coordinator.acquire(key)
-            except CacheError:
-                return None  # coordination down: fail open, lead without a lease
-            if lease is not None:
-                found = await self._cache_get(key, max_age_s)  # a remote leader may have just finished
-                if found is None:
-                    return lease
-                await self._release(lease, Outcome("abandoned"))
-                return _FlightResult(found[0], "cached", False, 0, None)
+            if bid is None:
+                bid = await self._bid(key, max_age_s)
+            if not isinstance(bid, _Held):
+                return bid
+            bid = None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Problem("upstream_timeout", "the identical request on another replica did not finish in time")

@@ -171,10 +171,11 @@ async def renewing(renew: Callable[[], Awaitable[bool]], every_s: float):  # typ
     try:
         yield
     finally:
+        # Not awaited: the flag ends the loop whatever a renewal in progress does (a renewal
+        # after the release finds another token and changes nothing), and not waiting keeps
+        # the body's next Redis writes in the same turn as those its end started (together()).
         stop.set()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 _RELEASE = """

@@ -29,10 +29,10 @@ import httpx
 import orjson
 import redis
 
+from app import purge
 from app.tenants import new_key, paste_line
 from app.upstream import contract
 from bench import client, images, procs, profile, wrkrun
-from bench.redisproxy import CountingProxy
 from tests.servers import ByteCountingProxy
 
 ANALYZE = "/v1/faces/analyze"
@@ -544,23 +544,35 @@ def row6(b: Bench) -> None:
         target = b.redis_url
         where = "the shared Redis (deltas; other clients would add noise)"
     host, port = target.split("//", 1)[1].split("/", 1)[0].split(":")
-    proxy = CountingProxy(host, int(port)).start()
+    # The invalidation lease's heartbeat (app/purge.py) is each replica's own periodic work.
+    heartbeat = hashlib.sha1(purge.REGISTER_SCRIPT.encode()).hexdigest()
+    proxy = ByteCountingProxy(host, int(port), background=(heartbeat,))
     prefix = procs.new_prefix()
     if own is None:
         b.prefixes.append(prefix)
     try:
-        a = b.gateway("rt-a", redis_url=proxy.url, prefix=prefix)
-        c = b.gateway("rt-b", redis_url=proxy.url, prefix=prefix)
+        a = b.gateway("rt-a", redis_url=proxy.redis_url, prefix=prefix)
+        c = b.gateway("rt-b", redis_url=proxy.redis_url, prefix=prefix)
         time.sleep(1.0)  # let start-up traffic (subscriptions, script loads) settle
+
+        # Both replicas also talk to Redis on their own (the invalidation lease's and the key
+        # pool's heartbeats): measured first, with nothing sent, and taken off the other lines
+        # in proportion to their time, so a line is what one request costs.
+        background: dict[str, float] = {}
 
         def measure(send: Callable[[httpx.Client], int]) -> tuple[float, dict[str, float], int]:
             with httpx.Client(timeout=30) as http:
-                rt0, cs0 = proxy.round_trips, _commandstats(target)
+                rt0, cs0, t0 = proxy.round_trips, _commandstats(target), time.monotonic()
                 n = send(http)
                 time.sleep(0.2)
-                rt1, cs1 = proxy.round_trips, _commandstats(target)
-            per = {k: (cs1[k] - cs0.get(k, 0)) / n for k in cs1 if cs1[k] - cs0.get(k, 0)}
-            return (rt1 - rt0) / n, per, n
+                rt1, cs1, t1 = proxy.round_trips, _commandstats(target), time.monotonic()
+            spent = t1 - t0
+
+            def net(total: float, what: str) -> float:
+                return max(0.0, round((total - background.get(what, 0.0) * spent) / n, 2))
+
+            per = {k: net(cs1[k] - cs0.get(k, 0), k) for k in cs1 if cs1[k] - cs0.get(k, 0)}
+            return round((rt1 - rt0) / n, 2), {k: v for k, v in per.items() if v}, n
 
         def post(http: httpx.Client, gw: procs.Server, image: bytes, want: str) -> None:
             r = http.post(gw.url + ANALYZE, content=images.multipart(image), headers=b.headers())
@@ -595,8 +607,16 @@ def row6(b: Bench) -> None:
             time.sleep(2.0)
             return 1
 
+        hb0 = proxy.background_trips
+        idle_rt, idle_per, _ = measure(idle)
+        background.update({k: v / 2.2 for k, v in idle_per.items()})
+        idle_rt += proxy.background_trips - hb0
         results = {
-            "idle (2 s, nothing sent)": measure(idle),
+            "idle (2 s, nothing sent; per second below, taken off the other lines)": (
+                round(idle_rt / 2.2, 2),
+                {k: round(v / 2.2, 2) for k, v in idle_per.items()},
+                1,
+            ),
             "cache hit (entry in the replica's local tier)": measure(hits),
             "cache miss (distinct images)": measure(misses),
             "cache hit from Redis (first hit on another replica)": measure(remote_hits),
@@ -605,7 +625,7 @@ def row6(b: Bench) -> None:
         for server in b._servers:
             if server.name in ("rt-a", "rt-b"):
                 server.stop()
-        proxy.stop()
+        proxy.close()
         if own is not None:
             own.close()
     for what, (rt, per, _) in results.items():
@@ -613,11 +633,18 @@ def row6(b: Bench) -> None:
         target_text, v = "", ""
         if what.startswith("cache hit"):
             target_text, v = "≤ 1 round trip after auth", verdict(rt <= 1.0)
+        elif what.startswith("cache miss"):
+            target_text, v = "≤ 4 round trips", verdict(rt <= 4.0)
         b.line(6, f"Redis per request: {what}", f"{rt:g} round trips; commands: {commands or 'none'}", target_text, v)
     b.details.append(
         f"Row 6: {where}, behind a counting TCP proxy. A round trip = the gateway sends and waits for the reply "
         "(a pipeline is one); commands come from INFO commandstats deltas and include those run inside Lua "
-        "scripts (evalsha's get/set/hincrby...), so they are server work, not extra round trips."
+        "scripts (evalsha's get/set/hincrby...), so they are server work, not extra round trips. The idle "
+        "line is the replicas' own background traffic per second (the invalidation lease's heartbeat), "
+        "measured first: its round trips are recognised by the script's SHA1 and not counted on the other "
+        "lines, its commands are taken off them in proportion to their duration. On one Redis a hit read "
+        "from Redis is one script (entry read + admission); a miss is the lookup, the reservation with the "
+        "lead bid, the key slot, and settle + store + index + lease and slot release in one write."
     )
 
 

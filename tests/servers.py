@@ -581,17 +581,25 @@ def redis_client(url: str) -> Any:
 
 
 class ByteCountingProxy:
-    """A TCP proxy on loopback that counts the bytes clients send through it to ``target``.
+    """A TCP proxy on loopback that counts the bytes clients send through it to ``target``, and
+    their round trips.
 
     What arrives here is what the client put on the wire toward the server, so it proves
-    what the server *could* have received, whatever the server does with it. Runs in its
-    own thread with its own event loop; use it as a context manager.
+    what the server *could* have received, whatever the server does with it. A round trip is
+    a client sending (one or more segments) and then waiting for the reply: a pipeline is
+    one; pushes from the server (pub/sub) are none. ``background``: SHA1s of scripts whose
+    calls are a client's own periodic work (a heartbeat): a round trip that starts with one
+    counts in ``background_trips`` instead. Runs in its own thread with its own event loop;
+    use it as a context manager.
     """
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, background: tuple[str, ...] = ()) -> None:
         self.target = (target_host, target_port)
         self.sent = 0  # bytes from clients toward the target
         self.returned = 0  # bytes from the target back to clients
+        self.round_trips = 0
+        self.background_trips = 0
+        self._background = tuple(sha.encode() for sha in background)
         self.connections = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -604,6 +612,10 @@ class ByteCountingProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -621,13 +633,23 @@ class ByteCountingProxy:
             writer.close()
             return
 
+        waiting = False
+
         async def pump(src: Any, dst: Any, upstream: bool) -> None:
+            nonlocal waiting
             try:
                 while data := await src.read(65536):
                     if upstream:
                         self.sent += len(data)
+                        if not waiting:
+                            waiting = True
+                            if any(sha in data[:80] for sha in self._background):
+                                self.background_trips += 1
+                            else:
+                                self.round_trips += 1
                     else:
                         self.returned += len(data)
+                        waiting = False
                     dst.write(data)
                     await dst.drain()
             finally:

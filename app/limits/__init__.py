@@ -10,6 +10,7 @@
 from app.limits.base import (
     Admission,
     Clock,
+    HitProbe,
     Limiter,
     QuotaState,
     QuotaUnavailable,
@@ -26,6 +27,7 @@ from app.limits.redis import RedisLimiter
 __all__ = [
     "Admission",
     "Clock",
+    "HitProbe",
     "Limiter",
     "MemoryLimiter",
     "QuotaState",

@@ -143,6 +143,13 @@ class Limiter(Protocol):
     async def close(self) -> None: ...
 
 
+class HitProbe(Protocol):
+    async def admit_hit(self, tenant: Tenant, entry: str) -> tuple[Admission, bytes, float] | None:
+        """Read the cache entry named ``entry`` (a key of the limiter's own Redis) and, when it is
+        there, admit this request as a hit in the same step: (the admission, the entry, its TTL in
+        seconds); None when it is absent (nothing admitted or counted)."""
+
+
 def quota_states(
     limits: Limits, used: tuple[int, int], wins: tuple[Window, Window], now: int
 ) -> tuple[QuotaState, ...]:

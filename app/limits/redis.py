@@ -43,6 +43,23 @@ def _quota_arg(limit: int | None) -> int:
     return -1 if limit is None else limit
 
 
+def _admission(tenant: Tenant, r: list[Any], rid: str | None) -> Admission:
+    """admit.lua's reply as an :class:`Admission` (``rid``: the reservation asked for, if any)."""
+    limits = tenant.limits
+    allowed, reason, retry_us, remaining, tat_in = int(r[0]), r[1].decode(), int(r[2]), int(r[3]), int(r[4])
+    quotas = (
+        QuotaState("daily", limits.daily_quota, int(r[5]), int(r[6]) / US, int(r[7])),
+        QuotaState("monthly", limits.monthly_quota, int(r[8]), int(r[9]) / US, int(r[10])),
+    )
+    if not allowed:
+        if reason == "rate_limited":
+            rate = RateState.of(limits, 0, tat_in, retry_us)
+            return Admission(False, rate, quotas, "rate_limited", retry_us / US)
+        return Admission(False, RateState.of(limits, remaining, tat_in), quotas, "quota_exceeded", retry_us / US)
+    reservation = Reservation(tenant.name, (r[11].decode(), r[12].decode()), rid) if rid is not None else None
+    return Admission(True, RateState.of(limits, remaining, tat_in), quotas, reservation=reservation)
+
+
 class RedisLimiter:
     """Exact across replicas: each decision is one Lua script, atomic in Redis.
 
@@ -102,8 +119,31 @@ class RedisLimiter:
         return result
 
     async def admit(self, tenant: Tenant, *, reserve: bool, record: Record = None) -> Admission:
+        rid = uuid.uuid4().hex if reserve else ""
+        keys = [*self.keys(tenant.name), self.history_base(tenant.name), self.marker(tenant.name, rid)]
+        try:
+            r = await self._run(self._admit, keys, self._admit_args(tenant, reserve, record))
+        except QuotaUnavailable:
+            if reserve:  # it may have been made: refund it once Redis answers (a no-op if it was not)
+                self._settle_later(Reservation(tenant.name, ("", ""), rid), "refund", 0, False)
+            raise
+        return _admission(tenant, r, rid if reserve else None)
+
+    async def admit_hit(self, tenant: Tenant, entry: str) -> tuple[Admission, bytes, float] | None:
+        """Read the cache entry ``entry`` (a key of this Redis) and, when it is there, admit this
+        request as a hit — one script, so a hit read from Redis costs one round trip. None: no such
+        entry (nothing admitted or counted). One Redis or Sentinel's master only: on a Cluster the
+        entry lives in another slot than the tenant's keys."""
+        keys = [*self.keys(tenant.name), self.history_base(tenant.name), self.marker(tenant.name, ""), entry]
+        r = await self._run(self._admit, keys, [*self._admit_args(tenant, False, "hits"), 1])
+        if len(r) == 1:  # {'absent'}
+            return None
+        pttl = int(r[14])
+        return _admission(tenant, r, None), bytes(r[13]), (pttl / 1000.0 if pttl > 0 else 0.0)
+
+    def _admit_args(self, tenant: Tenant, reserve: bool, record: Record) -> list[Any]:
         limits = tenant.limits
-        args = [
+        return [
             interval_arg(limits),
             limits.burst,
             1 if reserve else 0,
@@ -113,26 +153,6 @@ class RedisLimiter:
             record or "",
             MARKER_TTL_MS,
         ]
-        rid = uuid.uuid4().hex if reserve else ""
-        keys = [*self.keys(tenant.name), self.history_base(tenant.name), self.marker(tenant.name, rid)]
-        try:
-            r = await self._run(self._admit, keys, args)
-        except QuotaUnavailable:
-            if reserve:  # it may have been made: refund it once Redis answers (a no-op if it was not)
-                self._settle_later(Reservation(tenant.name, ("", ""), rid), "refund", 0, False)
-            raise
-        allowed, reason, retry_us, remaining, tat_in = int(r[0]), r[1].decode(), int(r[2]), int(r[3]), int(r[4])
-        quotas = (
-            QuotaState("daily", limits.daily_quota, int(r[5]), int(r[6]) / US, int(r[7])),
-            QuotaState("monthly", limits.monthly_quota, int(r[8]), int(r[9]) / US, int(r[10])),
-        )
-        if not allowed:
-            if reason == "rate_limited":
-                rate = RateState.of(limits, 0, tat_in, retry_us)
-                return Admission(False, rate, quotas, "rate_limited", retry_us / US)
-            return Admission(False, RateState.of(limits, remaining, tat_in), quotas, "quota_exceeded", retry_us / US)
-        reservation = Reservation(tenant.name, (r[11].decode(), r[12].decode()), rid) if reserve else None
-        return Admission(True, RateState.of(limits, remaining, tat_in), quotas, reservation=reservation)
 
     async def settle(
         self, reservation: Reservation, *, spent: bool, attempts: int = 0, collapsed: bool = False

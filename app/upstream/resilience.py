@@ -25,7 +25,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
 from app import tracing
@@ -203,6 +203,10 @@ class CallReport:
     upstream_s: float = 0.0
     key: str | None = None  # the pool key of the last attempt (a name, never the secret)
     queued_s: float = 0.0  # time spent waiting for a slot, all attempts together
+    #: Started when the answer came back and still running: the slot's release. The caller
+    #: awaits it beside its own writes (with :func:`app.redisconn.together` they share one
+    #: round trip); left alone it finishes by itself.
+    finishing: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class SlotPool(Protocol):
@@ -439,7 +443,8 @@ class ResilientUpstream:
             self.breaker.abandon(permit)
             raise
         outcome = "ok" if answer.verdict is None else answer.verdict.code
-        await self.pool.release(grant, Outcome(code="ok", billed=answer.billed, seconds=elapsed))
+        release = self.pool.release(grant, Outcome(code="ok", billed=answer.billed, seconds=elapsed))
+        report.finishing.append(asyncio.get_running_loop().create_task(release))
         self.breaker.success(permit)
         self._notify(grant.key, outcome, elapsed)
         return answer

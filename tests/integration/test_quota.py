@@ -19,7 +19,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from app import purge
 from app.limits.redis import _lua
 from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
 from app.upstream.guard import GuardTimeout, LocalGuard, RedisGuard
 from tests.conftest import PY, Gateway, Sim, start_gateway, unique_image, write_tenants
-from tests.servers import ROOT, RedisServer, ServerProcess
+from tests.servers import ROOT, ByteCountingProxy, RedisServer, ServerProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -602,9 +603,54 @@ def test_one_redis_round_trip_for_rate_limit_and_quota(
     for name in ("l1-hit", "redis-hit"):
         assert len(quota[name]) == 1, (name, quota[name])
         assert admit_sha in quota[name][0], (name, quota[name])
-    assert len(quota["miss"]) == 2, quota["miss"]  # admit (rate + reserve + miss count), then settle
-    assert admit_sha in quota["miss"][0]
+    # The lookup (admit.lua's hit probe: 6 keys, finds no entry, changes nothing), the admission
+    # (rate + reserve + miss count), then the settlement.
+    assert len(quota["miss"]) == 3, quota["miss"]
+    assert all(admit_sha in c for c in quota["miss"][:2])
+    assert f'{admit_sha}" "6"' in quota["miss"][0] and f'{admit_sha}" "5"' in quota["miss"][1]
+    assert f'{admit_sha}" "6"' in quota["redis-hit"][0], "a hit read from Redis: the entry read by the admission"
     assert sections["l1-hit"] == quota["l1-hit"], "an L1 hit costs exactly one Redis command"
+
+
+def test_round_trips_per_request_on_one_redis(
+    sim_server: ServerProcess, sim: Sim, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Through a proxy that counts round trips (a pipeline is one): a hit costs one (the local
+    tier + the admission, or the entry read by the admission's own script on a replica that
+    has no copy), a miss four (lookup; reservation + lead bid; key slot; settle, store, index,
+    lease and slot release in one write)."""
+    heartbeat = hashlib.sha1(purge.REGISTER_SCRIPT.encode()).hexdigest()
+    with ByteCountingProxy("127.0.0.1", own_redis.port, background=(heartbeat,)) as proxy:
+        tenants_file = tmp_path / "tenants.toml"
+        keys = write_tenants(tenants_file, {"m": {}}, HIGH)
+        env = {**FAST, "FACEGATE_REDIS_URL": proxy.redis_url, "FACEGATE_REDIS_PREFIX": "rt"}
+        a, b = start_replicas(sim_server, tmp_path, 2, tenants_file, keys, env)
+        try:
+            for gw in (a, b):  # warm up: scripts loaded, connections open
+                gw.analyze(unique_image(), tenant="m")
+
+            def trips(send: Callable[[], httpx.Response], status: str) -> int:
+                before = proxy.round_trips
+                assert status in send().headers["cache-status"]
+                return proxy.round_trips - before
+
+            image, other = unique_image(), unique_image()
+            assert b.analyze(other, tenant="m").status_code == 200  # stored by b: not in a's local tier
+
+            def lookup() -> httpx.Response:
+                with a.client("m") as c:
+                    return c.get(f"/v1/faces/analyses/{hashlib.sha256(other).hexdigest()}")
+
+            counts = {
+                "miss": trips(lambda: a.analyze(image, tenant="m"), "stored"),
+                "local hit": trips(lambda: a.analyze(image, tenant="m"), "hit"),
+                "hit from Redis": trips(lambda: b.analyze(image, tenant="m"), "hit"),
+                "lookup from Redis": trips(lookup, "hit"),
+            }
+        finally:
+            a.server.stop()
+            b.server.stop()
+    assert counts == {"miss": 4, "local hit": 1, "hit from Redis": 1, "lookup from Redis": 1}, counts
 
 
 # --- the guard's parts, on a real Redis --------------------------------------------------------

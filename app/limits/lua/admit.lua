@@ -1,14 +1,25 @@
 -- Rate limit (GCRA) + optional quota reservation + hit/miss count, atomically, in one round trip.
 -- Mirrored operation for operation by MemoryLimiter (app/limits/memory.py, app/limits/gcra.py): keep them equal.
 -- KEYS: 1 rate (TAT, microseconds), 2 daily window hash, 3 monthly window hash, 4 history base,
---       5 the reservation's marker (written only if one is made)  (one {tenant} slot)
+--       5 the reservation's marker (written only if one is made)  (one {tenant} slot),
+--       6 (hit probe only) a cache entry: see ARGV 9
 -- ARGV: 1 interval_us, 2 burst, 3 reserve (0/1), 4 daily limit (-1 = none), 5 monthly limit (-1 = none),
 --       6 now override (tests; '' = Redis TIME), 7 record ('hits', 'misses', 'forced', 'collapsed' or '';
---       counted only if admitted; forced and collapsed are misses too), 8 marker TTL (ms)
+--       counted only if admitted; forced and collapsed are misses too), 8 marker TTL (ms),
+--       9 hit probe ('1': read KEYS[6] first; absent -> {'absent'}, nothing admitted or counted; present ->
+--       admitted as below and the entry and its PTTL appended to the reply). Only on one Redis (KEYS[6]
+--       is in another slot), so MemoryLimiter has no mirror of it: in memory the cache is read directly.
 -- The marker ("<day> <month>": the periods it counted in) is what settle.lua consumes: a reservation is
 -- settled at most once, however often its settlement is sent.
 -- Returns {allowed, reason, retry_us, remaining, tat_minus_now_us,
---          day_used, day_reset_in_us, day_len_s, month_used, month_reset_in_us, month_len_s, day, month}
+--          day_used, day_reset_in_us, day_len_s, month_used, month_reset_in_us, month_len_s, day, month
+--          [, entry, entry_pttl_ms (hit probe)]}
+local entry, entry_pttl
+if ARGV[9] == '1' then
+  entry = redis.call('GET', KEYS[6])
+  if not entry then return {'absent'} end
+  entry_pttl = redis.call('PTTL', KEYS[6])
+end
 local now = now_us(ARGV[6])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -20,7 +31,7 @@ local mused = window_used(KEYS[3], month, month_len * 2)
 
 local function reply(allowed, reason, retry, remaining, tat_in)
   return {allowed, reason, retry, remaining, tat_in,
-          dused, day_reset - now, day_len, mused, month_reset - now, month_len, day, month}
+          dused, day_reset - now, day_len, mused, month_reset - now, month_len, day, month, entry, entry_pttl}
 end
 
 local capacity = interval * burst

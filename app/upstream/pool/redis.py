@@ -67,6 +67,7 @@ class RedisPool(PoolFront):
         super().__init__(spec, settings, hooks)
         self.replica = uuid.uuid4().hex[:10]
         self._r = client
+        self._wire = redisconn.Wire.of(client)
         self._health = health
         base = f"{prefix}:pool:{{upstream}}"
         self.keys = [f"{base}:{name}" for name in STRUCTURES]
@@ -92,7 +93,7 @@ class RedisPool(PoolFront):
     async def _run(self, name: str, cfg: Config, args: Sequence[Any]) -> list[Any]:
         script = self._scripts[name]
         argv = [*self._head(cfg), *args]
-        result: list[Any] = await self._health.run("pool", lambda: script(keys=self.keys, args=argv))
+        result: list[Any] = await self._health.run("pool", lambda: self._wire.script(script, self.keys, argv))
         return result
 
     # --- decisions -----------------------------------------------------------------------
