@@ -69,6 +69,8 @@ class Bench:
     prefixes: list[str] = field(default_factory=list)
     _servers: list[Any] = field(default_factory=list)
     _replicas: list[procs.Server] | None = None
+    #: Row 1's baseline CPU per request (ms), the yardstick of row 2's CPU per miss.
+    baseline_cpu_ms: float | None = None
 
     def __post_init__(self) -> None:
         self.run_tag = secrets.token_hex(4)  # 8 chars: makes this run's images new to any cache
@@ -256,6 +258,7 @@ def row1(b: Bench) -> None:
     base_rps = sum(r.rps for r in baselines) / len(baselines)
     first_b, last_b = baselines[0], baselines[-1]
     base_cpu = cpu.get("baseline", 0.0)
+    b.baseline_cpu_ms = base_cpu or None
     b.line(
         1,
         "baseline app (FastAPI UploadFile + SHA-256 + fixed JSON), measured first and last",
@@ -269,7 +272,7 @@ def row1(b: Bench) -> None:
         what = f"facegate cache hit, {'in-memory' if mode == 'memory' else 'Redis'} mode, log {level}"
         result = f"{fmt_wrk(res)} · {ratio:.2f}x baseline · CPU {own:.2f} ms/req ({cpu_ratio:.2f}x by CPU)"
         if level == "warning":
-            b.line(1, what, result, "≥ 0.80x baseline", verdict(ratio >= 0.8))
+            b.line(1, what, result, "≥ 0.90x baseline", verdict(ratio >= 0.9))
         else:
             b.line(1, what, result)
 
@@ -298,7 +301,8 @@ def row1(b: Bench) -> None:
     )
 
 
-def profile_run(b: Bench, server: procs.Server, name: str, title: str) -> None:
+def profile_run(b: Bench, server: procs.Server, name: str, title: str, *, misses: int = 0) -> None:
+    """py-spy on ``server`` while wrk sends the hit (or, with ``misses`` connections, distinct images)."""
     if profile.py_spy() is None:
         b.notes.append("py-spy is not installed (pip install py-spy): no profile")
         return
@@ -306,7 +310,10 @@ def profile_run(b: Bench, server: procs.Server, name: str, title: str) -> None:
     seconds = b.opts.seconds
     spy = profile.start(server.pid, out, seconds)
     time.sleep(0.5)
-    res = b.wrk_static(server.url + ANALYZE, b.headers(), seconds)
+    if misses:
+        res = b.wrk_distinct(server.url + ANALYZE, b.headers(), seconds, misses)
+    else:
+        res = b.wrk_static(server.url + ANALYZE, b.headers(), seconds)
     _, err = spy.communicate(timeout=seconds + 30)
     if spy.returncode != 0 or not out.exists():
         b.notes.append(f"py-spy failed for {name}: {err.decode(errors='replace')[-300:]}")
@@ -356,6 +363,18 @@ def row2(b: Bench) -> None:
                 "≤ +3 ms p50, ≤ +10 ms p99",
                 verdict(d50 <= 3.0 and d99 <= 10.0),
             )
+            if b.baseline_cpu_ms and latency == 0:
+                b.line(
+                    2,
+                    f"gateway CPU per miss ÷ baseline CPU per request (row 1), {mode} mode",
+                    f"{cpu_ms / b.baseline_cpu_ms:.1f}x ({cpu_ms:.2f} / {b.baseline_cpu_ms:.2f} ms)",
+                    "≤ 3x",
+                    verdict(cpu_ms / b.baseline_cpu_ms <= 3.0),
+                )
+    if o.profile:
+        b.sim.set_latency(0)
+        for mode, gw in gateways:
+            profile_run(b, gw, f"miss-{mode.lower()}", f"facegate miss, {mode} mode, 4 connections", misses=4)
     for _, gw in gateways:
         gw.stop()
     b.details.append(
@@ -478,8 +497,9 @@ def row5(b: Bench) -> None:
             f"peak RSS {hwm_mb:.0f} MB (idle {idle['VmRSS'] / 1024:.0f} MB); "
             f"{counts.get('200', 0)} answered 200, {sum(v for k, v in counts.items() if k.startswith('503'))} got 503 "
             f"in {took:.1f} s",
-            "≤ 200 MB per worker",
-            verdict(hwm_mb <= 200),
+            # The issue-16 goal for all 200 accepted; the default cap keeps the older bound.
+            "≤ 180 MB per worker" if "256" in label else "≤ 200 MB per worker",
+            verdict(hwm_mb <= (180 if "256" in label else 200)),
         )
         b.details.append(
             f"Row 5 ({label}): outcomes {counts}; image {len(big):,} B; VmHWM {hwm_mb:.0f} MB; sampled peaks: "
