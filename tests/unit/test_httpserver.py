@@ -1,4 +1,5 @@
-"""The HTTP protocol facegate serves with (app/httpserver.py) hands bodies over exactly.
+"""The HTTP protocol facegate serves with (app/httpserver.py) hands bodies over exactly, and
+sends each response in one write.
 
 Its ``on_body`` keeps a chunk that arrives while nothing is buffered as the parser's own
 ``bytes`` instead of copying it, and joins chunks that pile up before the application reads.
@@ -14,12 +15,13 @@ import asyncio
 import hashlib
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from app.httpserver import BoundedHttpToolsProtocol
+from app.httpserver import CORK_BYTES, BoundedHttpToolsProtocol
 
 
 async def echo_digest(scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,3 +102,79 @@ async def test_a_chunked_body_arrives_exactly(server: int) -> None:
     pieces = [b"%x\r\n%s\r\n" % (len(BODY[i : i + 7000]), BODY[i : i + 7000]) for i in range(0, len(BODY), 7000)]
     answer = await _exchange(server, _head("/slow", None), [*pieces, b"0\r\n\r\n"])
     assert answer.split(b"\r\n\r\n", 1)[1] == f"{hashlib.sha256(BODY).hexdigest()} bytes".encode()
+
+
+# --- one write per response -------------------------------------------------------------------
+
+
+class _CountingTransport:
+    """The real socket transport, with its write calls counted (each is one system call)."""
+
+    def __init__(self, transport: asyncio.Transport, writes: list[int]) -> None:
+        self._transport = transport
+        self._writes = writes
+
+    def write(self, data: bytes) -> None:
+        self._writes.append(len(data))
+        self._transport.write(data)
+
+    def writelines(self, data: Any) -> None:
+        parts = list(data)
+        self._writes.append(sum(len(p) for p in parts))
+        self._transport.writelines(parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def respond(scope: Scope, receive: Receive, send: Send) -> None:
+    """/small: head + a short body; /stream: a 1 MB body in 100 KB parts (more_body)."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body", False):
+        pass
+    if scope["path"] == "/small":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+        return
+    part = bytes(range(256)) * 400  # 100 KB, more than CORK_BYTES
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % (10 * len(part)))]}
+    )
+    for i in range(10):
+        await send({"type": "http.response.body", "body": part, "more_body": i < 9})
+
+
+async def test_a_response_leaves_in_one_write_and_large_ones_are_not_held() -> None:
+    writes: list[int] = []
+
+    class Counting(BoundedHttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_CountingTransport(transport, writes))  # type: ignore[arg-type]
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    srv = uvicorn.Server(uvicorn.Config(respond, http=Counting, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(srv.serve(sockets=[sock]))
+    try:
+        port = int(sock.getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(3):  # keep-alive: each response on its own, in one write
+            writes.clear()
+            writer.write(b"GET /small HTTP/1.1\r\nhost: t\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ") and await reader.readexactly(5) == b"hello"
+            assert len(writes) == 1, writes  # status line, headers and body: one system call
+        writes.clear()
+        writer.write(b"GET /stream HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        answer = await reader.read()
+        body = answer.split(b"\r\n\r\n", 1)[1]
+        assert body == (bytes(range(256)) * 400) * 10
+        assert len(writes) >= 10 and max(writes) <= 2 * CORK_BYTES + len(head), writes  # never all held
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        srv.should_exit = True
+        await task
+        sock.close()
