@@ -15,6 +15,8 @@ import hashlib
 import io
 import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -301,6 +303,15 @@ def row1(b: Bench) -> None:
     )
 
 
+def upstream_floor(b: Bench, n: int = 300) -> float:
+    """CPU ms per upstream call of a bare httpx client, in its own process (bench/upstream_floor.py)."""
+    image = b.workdir / "floor.jpg"
+    image.write_bytes(images.tagged(b.base, b.run_tag + "floor"))
+    argv = [sys.executable, "-m", "bench.upstream_floor", b.sim.url + contract.ANALYZE_PATH, procs.SIM_KEY]
+    out = subprocess.run([*argv, str(image), str(n)], capture_output=True, text=True, check=True, cwd=procs.ROOT)
+    return float(out.stdout.strip())
+
+
 def profile_run(b: Bench, server: procs.Server, name: str, title: str, *, misses: int = 0) -> None:
     """py-spy on ``server`` while wrk sends the hit (or, with ``misses`` connections, distinct images)."""
     if profile.py_spy() is None:
@@ -371,8 +382,17 @@ def row2(b: Bench) -> None:
                     "≤ 3x",
                     verdict(cpu_ms / b.baseline_cpu_ms <= 3.0),
                 )
+    b.sim.set_latency(0)
+    floor_ms = upstream_floor(b)
+    if b.baseline_cpu_ms:
+        b.line(
+            2,
+            "floor: the baseline's CPU per request (row 1) + a bare httpx client's CPU per upstream call "
+            "(same image, multipart, to the simulator, kept-alive, uvloop)",
+            f"{b.baseline_cpu_ms:.2f} + {floor_ms:.2f} = {b.baseline_cpu_ms + floor_ms:.2f} ms "
+            f"({(b.baseline_cpu_ms + floor_ms) / b.baseline_cpu_ms:.1f}x the baseline)",
+        )
     if o.profile:
-        b.sim.set_latency(0)
         for mode, gw in gateways:
             profile_run(b, gw, f"miss-{mode.lower()}", f"facegate miss, {mode} mode, 4 connections", misses=4)
     for _, gw in gateways:
