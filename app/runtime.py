@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -205,17 +206,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     closers: list[Any] = []
     upstream_url = settings.upstream_url
-    sandbox_key = None
-    if settings.sandbox:
+    sandbox_key = "sandbox-" + uuid.uuid4().hex if settings.sandbox else None
+    # The files first: a start that fails on them leaves nothing running (the simulator's socket).
+    tenants = load_tenants(settings, app.state.demo_key, metrics.tenants_reloaded)
+    keys = load_keys(settings, sandbox_key)
+    if sandbox_key is not None:
         from app import sim
 
-        sandbox_key = "sandbox-" + uuid.uuid4().hex
         handle = await sim.start_background("127.0.0.1", 0, sim.SimConfig(api_keys=[sandbox_key]))
         closers.append(handle.stop)
         upstream_url = handle.url
         log.warning("SANDBOX: no FACEGATE_UPSTREAM_API_KEY, answers come from the built-in simulator at %s", handle.url)
-    tenants = load_tenants(settings, app.state.demo_key, metrics.tenants_reloaded)
-    keys = load_keys(settings, sandbox_key)
     redis_client, cache, limiter, coordinator, pool = await backends(settings, metrics, keys)
     index, invalidator = purge_backends(redis_client, settings)
     connections = max(settings.upstream_max_concurrency, sum(k.max_concurrency for k in keys.spec.keys))
@@ -322,9 +323,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         len(tenants.registry),
         "simulator" if settings.sandbox else "ailabapi",
     )
+    # What start-up built lives as long as the process: kept out of the garbage collector's way.
+    # A full collection otherwise walks all of it, a pause of 50-90 ms in the middle of traffic
+    # (measured on a miss-path load; bench/HISTORY.md); frozen, ~1 ms.
+    gc.collect()
+    gc.freeze()
     try:
         yield
     finally:
+        gc.unfreeze()  # (several apps in one process, as in tests: nothing stays frozen for good)
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
