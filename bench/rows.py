@@ -303,6 +303,32 @@ def row1(b: Bench) -> None:
     )
 
 
+def gc_probe(b: Bench, name: str, probes: dict[str, Path], *, unfreeze: bool = False) -> dict[str, str]:
+    """Settings that load bench/gcprobe into a gateway: its garbage collections, recorded."""
+    probes[name] = b.workdir / f"gc-{name}.json"
+    extra = {"PYTHONPATH": str(Path(__file__).resolve().parent / "gcprobe"), "BENCH_GC_OUT": str(probes[name])}
+    if unfreeze:
+        extra["BENCH_GC_UNFREEZE"] = "1"
+    return extra
+
+
+def gc_pauses(path: Path, t0: float, t1: float) -> str:
+    """The collections that ended between ``t0`` and ``t1`` (monotonic), as a line's text."""
+    time.sleep(0.6)  # the probe writes every half second
+    try:
+        events = [e for e in orjson.loads(path.read_bytes()) if t0 <= e[0] <= t1]
+    except (OSError, orjson.JSONDecodeError):
+        return "GC: no probe data"
+    if not events:
+        return "GC: none"
+    full = [e[2] for e in events if e[1] == 2]
+    longest = max(e[2] for e in events)
+    return (
+        f"GC: {len(events)} collections, longest {longest * 1000:.1f} ms, "
+        f"full ones {len(full)} (longest {max(full, default=0) * 1000:.1f} ms)"
+    )
+
+
 def upstream_floor(b: Bench, n: int = 300) -> float:
     """CPU ms per upstream call of a bare httpx client, in its own process (bench/upstream_floor.py)."""
     image = b.workdir / "floor.jpg"
@@ -343,10 +369,11 @@ def row2(b: Bench) -> None:
         return
     o = b.opts
     gateways: list[tuple[str, procs.Server]] = []
+    probes: dict[str, Path] = {}
     if not o.quick or not b.redis_url:
-        gateways.append(("in-memory", b.gateway("miss-memory")))
+        gateways.append(("in-memory", b.gateway("miss-memory", extra=gc_probe(b, "in-memory", probes))))
     if b.redis_url:  # production's mode
-        gateways.append(("Redis", b.gateway("miss-redis", redis_url=b.redis_url)))
+        gateways.append(("Redis", b.gateway("miss-redis", redis_url=b.redis_url, extra=gc_probe(b, "Redis", probes))))
     sim_headers = {contract.KEY_HEADER: procs.SIM_KEY, "Content-Type": images.CONTENT_TYPE}
     plan = [(0, 1), (300, 16)]  # (simulator latency ms, concurrent connections)
     for latency, conns in plan:
@@ -358,8 +385,9 @@ def row2(b: Bench) -> None:
         b.line(2, f"simulator called directly, latency {latency} ms, {conns} conn", fmt_wrk(direct))
         for mode, gw in gateways:
             b.wrk_distinct(gw.url + ANALYZE, b.headers(), 1, conns)
-            calls, cpu0 = b.sim.calls(), gw.cpu_seconds()
+            calls, cpu0, t0 = b.sim.calls(), gw.cpu_seconds(), time.monotonic()
             res = b.wrk_distinct(gw.url + ANALYZE, b.headers(), seconds, conns)
+            pauses = gc_pauses(probes[mode], t0, time.monotonic())
             upstream = b.sim.calls() - calls
             cpu_ms = 1000 * (gw.cpu_seconds() - cpu0) / max(1, res.requests)
             if res.errors or upstream < res.requests:
@@ -370,7 +398,8 @@ def row2(b: Bench) -> None:
             b.line(
                 2,
                 f"facegate miss, {mode} mode, latency {latency} ms, {conns} conn",
-                f"{fmt_wrk(res)} · adds p50 {d50:+.1f} ms, p99 {d99:+.1f} ms · gateway CPU {cpu_ms:.2f} ms/req",
+                f"{fmt_wrk(res)} · adds p50 {d50:+.1f} ms, p99 {d99:+.1f} ms · gateway CPU {cpu_ms:.2f} ms/req"
+                f" · {pauses}",
                 "≤ +3 ms p50, ≤ +10 ms p99",
                 verdict(d50 <= 3.0 and d99 <= 10.0),
             )
@@ -382,6 +411,21 @@ def row2(b: Bench) -> None:
                     "≤ 3x",
                     verdict(cpu_ms / b.baseline_cpu_ms <= 3.0),
                 )
+    if b.redis_url:  # what start-up's gc.freeze() is for: the same run without it
+        b.sim.set_latency(300)
+        unfrozen = b.gateway(
+            "miss-redis-unfrozen", redis_url=b.redis_url, extra=gc_probe(b, "unfrozen", probes, unfreeze=True)
+        )
+        b.wrk_distinct(unfrozen.url + ANALYZE, b.headers(), 1, 16)
+        t0 = time.monotonic()
+        res = b.wrk_distinct(unfrozen.url + ANALYZE, b.headers(), o.seconds, 16)
+        pauses = gc_pauses(probes["unfrozen"], t0, time.monotonic())
+        unfrozen.stop()
+        b.line(
+            2,
+            "facegate miss, Redis mode, latency 300 ms, 16 conn, start-up heap not frozen (gc.unfreeze())",
+            f"{fmt_wrk(res)} · {pauses}",
+        )
     b.sim.set_latency(0)
     floor_ms = upstream_floor(b)
     if b.baseline_cpu_ms:
