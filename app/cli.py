@@ -82,9 +82,11 @@ def tune_allocator() -> None:
 
     Under many concurrent uploads, bodies and parser buffers are short-lived blocks of tens
     of KiB spread over threads: by default glibc serves them from per-thread arenas and keeps
-    the freed memory, so RSS ratchets up. Two arenas, mmap for blocks of 64 KiB or more (given
-    back on free) and an early trim keep the worker's peak close to what is live. The same as
-    MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=131072, which an
+    the freed memory, so RSS ratchets up. Two arenas, mmap for blocks of 512 KiB or more (given
+    back on free; 64 KiB made every body chunk an mmap/munmap pair and cost 40 % of hit
+    throughput, and 64 or 128 KiB lowered the 200-upload peak by no more than the noise:
+    bench/HISTORY.md) and an early trim keep the worker's peak close to what is live. The same
+    as MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=524288 MALLOC_TRIM_THRESHOLD_=131072, which an
     operator may still set instead (the environment wins: we only tune what is unset).
     """
     import ctypes
