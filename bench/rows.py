@@ -316,7 +316,7 @@ def gc_pauses(path: Path, t0: float, t1: float) -> str:
     """The collections that ended between ``t0`` and ``t1`` (monotonic), as a line's text."""
     time.sleep(0.6)  # the probe writes every half second
     try:
-        events = [e for e in orjson.loads(path.read_bytes()) if t0 <= e[0] <= t1]
+        events = [e for e in map(orjson.loads, path.read_bytes().splitlines()) if t0 <= e[0] <= t1]
     except (OSError, orjson.JSONDecodeError):
         return "GC: no probe data"
     if not events:

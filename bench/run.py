@@ -162,7 +162,7 @@ def markdown(b: Bench, command: str, facts: list[tuple[str, str]], started: date
     if history.exists():  # hand-written: what changed between runs, and what it bought
         parts += [history.read_text().rstrip(), ""]
     if b.profiles:
-        parts += ["## Profiles (py-spy, hit path under wrk load)", ""]
+        parts += ["## Profiles (py-spy, under wrk load: the hit path, and with --profile also the miss path)", ""]
         for name, text in b.profiles.items():
             parts += [f"### {name}", "", "```", text, "```", ""]
     return "\n".join(parts)
