@@ -93,7 +93,7 @@ def connect(settings: Settings) -> RedisClient:
     slot's primary, MOVED/ASK and failovers refresh the map (redis-py retries a failed
     command after a refresh, within our per-operation timeout). Keys that one script or
     one atomic step touches share a hash tag, one per logical structure — a tenant's quota
-    state ``{tenant}``, the upstream guard ``{upstream}``, a single-flight shard ``{sN}``
+    state ``{tenant}``, the upstream key pool ``{upstream}``, a single-flight shard ``{sN}``
     (lease keys and their notification channel) — so each runs on one slot. Anything new
     that needs atomicity over several keys (a fair queue, a key pool) takes its own tag.
     ``require_full_coverage=False``: while one shard fails over, the others keep working.
