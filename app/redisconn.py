@@ -215,6 +215,7 @@ class SentinelRedis(aioredis.Redis):
     sentinels: Sentinel | None = None
     master_name: str = ""
     _follower: asyncio.Task[None] | None = None
+    _closing = False
 
     @property
     def _pool(self) -> _FollowingPool:
@@ -237,6 +238,12 @@ class SentinelRedis(aioredis.Redis):
         return result
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        # Cancelling is not enough: the sentinels' clients have a socket timeout (a hung sentinel
+        # must not stall discovery), so redis-py writes to them through asyncio.wait_for, which on
+        # Python 3.11 loses a cancellation that lands as the write completes (CPython gh-86296).
+        # The follower then polled on and this waited for it forever; with the flag it and its
+        # listeners stop within a poll, before the sentinels' clients are closed below.
+        self._closing = True
         if self._follower is not None:
             self._follower.cancel()
             with contextlib.suppress(BaseException):
@@ -249,9 +256,9 @@ class SentinelRedis(aioredis.Redis):
     async def _follow(self) -> None:
         assert self.sentinels is not None
         events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        listeners = [asyncio.create_task(_listen(s, events)) for s in self.sentinels.sentinels]
+        listeners = [asyncio.create_task(_listen(s, events, self._running)) for s in self.sentinels.sentinels]
         try:
-            while True:
+            while not self._closing:
                 try:
                     async with asyncio.timeout(SENTINEL_POLL_S):
                         channel, data = await events.get()
@@ -263,6 +270,9 @@ class SentinelRedis(aioredis.Redis):
             for task in listeners:
                 task.cancel()
             await asyncio.gather(*listeners, return_exceptions=True)
+
+    def _running(self) -> bool:
+        return not self._closing
 
     async def _on_event(self, channel: str, words: list[str]) -> None:
         pool = self._pool
@@ -298,15 +308,18 @@ class SentinelRedis(aioredis.Redis):
             log.warning("redis sentinel: %s has a new master", self.master_name)
 
 
-async def _listen(sentinel: aioredis.Redis, events: asyncio.Queue[tuple[str, str]]) -> None:
-    """Feed one sentinel's failover announcements into ``events``; reconnect after any failure."""
-    while True:
+async def _listen(
+    sentinel: aioredis.Redis, events: asyncio.Queue[tuple[str, str]], running: Callable[[], bool]
+) -> None:
+    """Feed one sentinel's failover announcements into ``events``; reconnect after any failure.
+    Stops when cancelled, or within a second once ``running()`` is false (a lost cancellation)."""
+    while running():
         pubsub = sentinel.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe("+switch-master")
             await pubsub.psubscribe("*failover*")
-            while True:
-                message = await pubsub.get_message(timeout=10.0)
+            while running():
+                message = await pubsub.get_message(timeout=1.0)
                 if message is not None and message.get("type") in ("message", "pmessage"):
                     events.put_nowait((_text(message["channel"]), _text(message["data"])))
         except (RedisError, OSError, TimeoutError):

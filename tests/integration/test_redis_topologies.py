@@ -87,6 +87,37 @@ async def test_sentinel_client_follows_a_failover_without_restart(redis_sentinel
         redis_sentinel.restore()
 
 
+async def test_closing_the_sentinel_client_ends_its_follower_even_when_a_cancellation_is_lost(
+    redis_sentinel: RedisSentinelServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sentinels' clients have a socket timeout, so redis-py writes to them through
+    ``asyncio.wait_for``, which on Python 3.11 loses a cancellation that lands as the write completes
+    (CPython gh-86296). Here the follower's poll loses it every time: closing must still end the
+    follower and its listeners, and leave no connection to the sentinels open."""
+    polling, lost = asyncio.Event(), asyncio.Event()
+
+    async def poll_losing_the_cancellation(self: redisconn.SentinelRedis) -> None:
+        polling.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            lost.set()  # swallowed, as wait_for does when the write has just completed
+
+    monkeypatch.setattr(redisconn, "SENTINEL_POLL_S", 0.05)
+    monkeypatch.setattr(redisconn.SentinelRedis, "_poll", poll_losing_the_cancellation)
+    client = redisconn.connect(Settings(redis_url=redis_sentinel.url, _env_file=None))
+    assert isinstance(client, redisconn.SentinelRedis) and client.sentinels is not None
+    sentinels = client.sentinels.sentinels
+    await client.ping()
+    async with asyncio.timeout(10):
+        await polling.wait()
+        await client.aclose()  # a bound, not a measurement: it used to wait for the follower forever
+    assert lost.is_set()
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    pools = [s.connection_pool for s in sentinels]
+    assert not [c for p in pools for c in [*p._available_connections, *p._in_use_connections] if c.is_connected]
+
+
 # A gateway surviving a failover (three replicas, traffic running, hits and quotas checked):
 # tests/integration/test_failover.py.
 

@@ -52,10 +52,10 @@ async def replicas(redis_topology: str) -> AsyncIterator[Replicas]:
     (ca, a), (cb, b) = _coordinator(redis_topology, prefix, 0.3), _coordinator(redis_topology, prefix, 0.3)
     for coordinator in (a, b):
         coordinator.start()
-    async with asyncio.timeout(5):
-        await a._subscribed.wait()
-        await b._subscribed.wait()
-    try:
+    try:  # a slow subscription fails the setup, and the clients are closed all the same
+        async with asyncio.timeout(5):
+            await a._subscribed.wait()
+            await b._subscribed.wait()
         yield Replicas(a, b, [ca, cb])
     finally:
         for coordinator in (a, b):
