@@ -203,13 +203,16 @@ async def test_a_stalled_sentinel_master_loses_no_admitted_reservation(redis_sen
     client = redisconn.connect(Settings(redis_url=redis_sentinel.url, _env_file=None))
     # A timeout longer than the stall: commands held by the paused master complete when it resumes.
     limiter = RedisLimiter(client, RedisHealth(timeout_s=30.0, failures=1_000_000), "t" + uuid.uuid4().hex[:12])
-    admitted = unknown = 0
-    stop, reached = asyncio.Event(), asyncio.Event()
+    admitted = unknown = busy = 0
+    stop, reached, go, idle = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    go.set()
     target = 50
 
     async def reserve() -> None:
-        nonlocal admitted, unknown
+        nonlocal admitted, unknown, busy
         while not stop.is_set():
+            await go.wait()
+            busy += 1
             try:
                 assert (await limiter.admit(TENANT, reserve=True)).allowed
                 admitted += 1
@@ -218,6 +221,10 @@ async def test_a_stalled_sentinel_master_loses_no_admitted_reservation(redis_sen
             except QuotaUnavailable:
                 unknown += 1
                 await asyncio.sleep(0.02)
+            finally:
+                busy -= 1
+                if not busy:
+                    idle.set()
 
     assert await redisconn.warm(client, 8)
     old = redis_sentinel.master()
@@ -225,7 +232,19 @@ async def test_a_stalled_sentinel_master_loses_no_admitted_reservation(redis_sen
     workers = [asyncio.create_task(reserve()) for _ in range(8)]
     try:
         await reached.wait()
+        # Replication is asynchronous: a reservation acknowledged just before the stall may not have
+        # reached the replica yet, and the promotion loses it whatever the client does (a busy CPU
+        # made that happen: 1 of 264 lost, made before the stall). That loss is docs/operating.md's
+        # "writes not yet replicated"; this test is about the writes after the stall.
+        # So: the workers pause, the replica acknowledges everything, then the master stalls and the
+        # workers go on, on their pooled connections to it.
+        go.clear()
+        idle.clear()
+        if busy:
+            await idle.wait()
+        assert await client.execute_command("WAIT", 1, 5000) == 1
         os.kill(old.proc.pid, signal.SIGSTOP)
+        go.set()
         try:
             new = await asyncio.to_thread(redis_sentinel.wait_failover, old)
         finally:
