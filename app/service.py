@@ -410,15 +410,28 @@ class AnalyzeService:
             return None
         return entry, found[1]
 
-    async def _cache_set(self, key: str, entry: Entry, data: bytes, tenant: Tenant) -> bool:
+    async def _store_and_release(
+        self, key: str, entry: Entry | None, data: bytes, tenant: Tenant, *, lease: Lease | None, outcome: Outcome
+    ) -> bool:
+        """Store ``entry`` (as ``data``, with its index line; None: nothing to store) and release the
+        lease with ``outcome``, at once — inside :func:`together` one write, the store's commands
+        first: Redis runs a connection's commands in order, so a replica that wins the lease after
+        this release finds the entry. Whether the entry was stored."""
+        if entry is None:
+            await self._release(lease, outcome)
+            return False
         ttl = tenant.policy.cache_ttl_s or self.config.cache_ttl_s
         if entry.verdict is not None:
             ttl = min(ttl, self.config.negative_ttl_s)
-        # Indexed and stored at once (one round trip on the paid path, as before the index existed);
-        # an entry that a tenant purge could not find must not stay: without its index line it goes.
-        indexed, stored = await asyncio.gather(
-            self.index.add(tenant.name, key, ttl), self.cache.set(key, data, ttl), return_exceptions=True
+        # An entry that a tenant purge could not find must not stay: without its index line it goes.
+        indexed, stored, released = await asyncio.gather(
+            self.index.add(tenant.name, key, ttl),
+            self.cache.set(key, data, ttl),
+            self._release(lease, outcome),
+            return_exceptions=True,
         )
+        if isinstance(released, BaseException):
+            raise released
         if isinstance(indexed, BaseException):
             if not isinstance(stored, BaseException):
                 with contextlib.suppress(CacheError):
@@ -532,12 +545,13 @@ class AnalyzeService:
                 and not self._deleted_since(seen, key, tenant.name)
             )
             stored = entry.without(policy.omit).encode() if cacheable and policy.omit else data
-            # Independent Redis writes (quota, cache + index, lease + notification, the key
+            # Independent Redis writes (quota, cache + index then lease + notification, the key
             # slot's release) at once: inside together() one round trip on the paid path.
             finished = await asyncio.gather(
                 settle(answer.billed),
-                self._cache_set(key, entry, stored, tenant) if cacheable else _false(),
-                self._release(lease, Outcome("done", data)),
+                self._store_and_release(
+                    key, entry if cacheable else None, stored, tenant, lease=lease, outcome=Outcome("done", data)
+                ),
                 *report.finishing,
             )
             was_stored = bool(finished[1])
@@ -635,10 +649,6 @@ class AnalyzeService:
                     reason="bad_shape",
                 ) from None
         return entry
-
-
-async def _false() -> bool:
-    return False
 
 
 def _encode_problem(problem: Problem) -> bytes:

@@ -28,7 +28,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from app import purge
+from app import purge, singleflight
 from app.limits.redis import _lua
 from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
@@ -609,6 +609,13 @@ def test_one_redis_round_trip_for_rate_limit_and_quota(
     assert all(admit_sha in c for c in quota["miss"][:2])
     assert f'{admit_sha}" "6"' in quota["miss"][0] and f'{admit_sha}" "5"' in quota["miss"][1]
     assert f'{admit_sha}" "6"' in quota["redis-hit"][0], "a hit read from Redis: the entry read by the admission"
+    # The paid answer is stored before the lease is released (one write, run in order): a replica
+    # that wins the lease after the release finds the entry instead of paying again.
+    release_sha = hashlib.sha1(singleflight._RELEASE.encode()).hexdigest()
+    miss = sections["miss"]
+    stored_at = next(i for i, c in enumerate(miss) if c.startswith('"SET" "mon:c:'))
+    released_at = next(i for i, c in enumerate(miss) if release_sha in c)
+    assert stored_at < released_at, miss
     assert sections["l1-hit"] == quota["l1-hit"], "an L1 hit costs exactly one Redis command"
 
 
