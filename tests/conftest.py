@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -212,6 +213,28 @@ class Gateway:
 
     def logs(self) -> str:
         return self.server.output()
+
+    def log_lines(self, logger: str, *, of: Sequence[str] = (), timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The JSON log lines of ``logger`` so far; with ``of`` (request ids), once each of those requests
+        has one (or ``timeout`` has passed: the caller's assertion then says what is missing). The edge
+        writes a request's access line after its answer has left, so a client that reads the log as
+        soon as it has the answer can be there first (seen on a busy CPU); audit lines are written
+        before the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.logs()
+            complete = text[: text.rfind("\n") + 1].splitlines()  # not a line still being written
+            lines = [line for line in map(_json_line, complete) if line is not None and line.get("logger") == logger]
+            if set(of) <= {line.get("request_id") for line in lines} or time.monotonic() >= deadline:
+                return lines
+            time.sleep(0.02)
+
+
+def _json_line(text: str) -> dict[str, Any] | None:
+    if not text.startswith("{"):
+        return None
+    line: dict[str, Any] = json.loads(text)
+    return line
 
 
 def write_tenants(

@@ -9,7 +9,6 @@ no key and no key hash.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -35,14 +34,6 @@ _FILL = {"sha256": "ab" * 32, "tenant": "alpha"}
 
 def _url(path: str) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: _FILL.get(m.group(1), "x"), path)
-
-
-def audit_lines(gw: Gateway) -> list[dict[str, Any]]:
-    out = []
-    for line in gw.logs().splitlines():
-        if line.startswith("{") and '"facegate.audit"' in line:
-            out.append(json.loads(line))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +94,13 @@ def test_tenants_read_is_audited_without_keys(admin_gateway: Gateway) -> None:
     assert [t["name"] for t in body["tenants"]] == ["alpha", "beta"]
     assert body["operators"] == ["ops"]
     text = r.text
-    lines = [a for a in audit_lines(gw) if a["request_id"] == "audit-tenants-1"]
+    rid = "audit-tenants-1"
+    lines = [a for a in gw.log_lines("facegate.audit") if a["request_id"] == rid]
     assert [(a["action"], a["actor"]) for a in lines] == [("admin.tenants.read", "operator:ops")]
     everything = text + gw.logs()
     for name, key in gw.keys.items():
         assert key not in everything, name
         assert hash_key(key) not in everything, name
-    access = [json.loads(x) for x in gw.logs().splitlines() if '"audit-tenants-1"' in x and '"facegate.access"' in x]
+    access = [x for x in gw.log_lines("facegate.access", of=[rid]) if x["request_id"] == rid]
     assert access[0]["operator"] == "ops"
     assert access[0]["tenant"] is None

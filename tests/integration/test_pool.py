@@ -140,11 +140,7 @@ def analyze(gw: Gateway, tenant: str, image: bytes | None = None, **kw: Any) -> 
 
 
 def access_lines(gw: Gateway) -> list[dict[str, Any]]:
-    out = []
-    for line in gw.logs().splitlines():
-        if line.startswith("{") and '"facegate.access"' in line:
-            out.append(json.loads(line))
-    return out
+    return gw.log_lines("facegate.access")
 
 
 # --- raw HTTP for many requests at once (httpx's async pool would load the two cores) ----------
