@@ -19,6 +19,12 @@ from app.sim.factory import EMBEDDED, create_app, sim_of_app
 
 log = logging.getLogger("facegate.sim")
 
+#: How long an idle keep-alive connection stays open (uvicorn's default is 5 s). Longer than the
+#: gateway's pool keeps one (httpx: 5 s), as a load balancer's would be (60 s and more): with
+#: equal values the simulator could close a connection just as the gateway sent a call on it,
+#: and with retries off that call failed (502) without reaching the simulator.
+KEEP_ALIVE_S = 75
+
 
 def _warn_if_exposed(host: str) -> None:
     if host not in ("127.0.0.1", "::1", "localhost"):
@@ -37,6 +43,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT, config: SimConfig |
         log_level="info",
         lifespan="off",
         timeout_graceful_shutdown=config.shutdown_grace_s,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
 
 
@@ -98,6 +105,7 @@ class BackgroundSim:
             log_level=None,
             lifespan="off",
             timeout_graceful_shutdown=self.config.shutdown_grace_s,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         self._server = _EmbeddedServer(config)
         context = contextvars.copy_context()
