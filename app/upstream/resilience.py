@@ -33,7 +33,6 @@ from app.errors import Problem
 from app.upstream import contract
 from app.upstream.ailabapi import ImagePayload, Upstream, UpstreamAnswer, UpstreamFailure
 from app.upstream.contract import KeyEffect
-from app.upstream.guard import Guard, GuardTimeout
 from app.upstream.pool.base import Caller, Grant, Outcome, Refused
 
 log = logging.getLogger("facegate.upstream")
@@ -210,7 +209,7 @@ class CallReport:
 
 
 class SlotPool(Protocol):
-    """What the resilient call needs from the key pool (``pool.PoolFront`` or the legacy guard)."""
+    """What the resilient call needs from the key pool (``pool.PoolFront``)."""
 
     @property
     def gated(self) -> bool: ...
@@ -218,35 +217,6 @@ class SlotPool(Protocol):
     async def acquire(self, caller: Caller, wait_s: float) -> Grant: ...
 
     async def release(self, grant: Grant, outcome: Outcome) -> None: ...
-
-
-class GuardPool:
-    """A :class:`Guard` (one key's QPS and concurrency) seen as a pool of one ungated key."""
-
-    gated = False
-
-    def __init__(self, guard: Guard, key: str = "default") -> None:
-        self.guard = guard
-        self._key = key
-        self._slots: dict[str, contextlib.AbstractAsyncContextManager[None]] = {}
-        self._seq = 0
-
-    async def acquire(self, caller: Caller, wait_s: float) -> Grant:
-        started = time.monotonic()
-        slot = self.guard.slot(wait_s)
-        try:
-            await slot.__aenter__()
-        except GuardTimeout as exc:
-            raise Refused("timeout", exc.retry_after) from None
-        self._seq += 1
-        ticket = f"g:{self._seq}"
-        self._slots[ticket] = slot
-        return Grant(self._key, ticket, time.monotonic() - started)
-
-    async def release(self, grant: Grant, outcome: Outcome) -> None:
-        slot = self._slots.pop(grant.ticket, None)
-        if slot is not None:
-            await slot.__aexit__(None, None, None)
 
 
 class _Moved(Exception):
@@ -284,17 +254,15 @@ def refusal_problem(refused: Refused) -> UpstreamFailure:
 class ResilientUpstream:
     """Breaker → pool slot → attempt, retried within one overall deadline.
 
-    ``inner`` + ``guard`` is the single-key form (a pool of one, ungated); ``pool`` +
-    ``clients`` is the key pool, ``clients(name)`` being the attempt for that key.
+    ``clients(name)`` is the attempt for the pool's key ``name`` (one key when only
+    FACEGATE_UPSTREAM_API_KEY is set: ``PoolSpec.single``).
     """
 
     def __init__(
         self,
-        inner: Upstream | None = None,
         *,
-        guard: Guard | None = None,
-        pool: SlotPool | None = None,
-        clients: Callable[[str], Upstream] | None = None,
+        pool: SlotPool,
+        clients: Callable[[str], Upstream],
         breaker: CircuitBreaker,
         policy: RetryPolicy,
         timeout_s: float,
@@ -303,13 +271,6 @@ class ResilientUpstream:
         on_key_call: Callable[[str, str], None] | None = None,
         on_exhausted: Callable[[str], None] | None = None,
     ) -> None:
-        if pool is None:
-            if inner is None or guard is None:
-                raise ValueError("give inner and guard, or pool and clients")
-            pool = GuardPool(guard)
-            clients = lambda _name: inner  # noqa: E731
-        if clients is None:
-            raise ValueError("a pool needs clients")
         self.pool = pool
         self._clients = clients
         self.breaker = breaker
@@ -319,10 +280,6 @@ class ResilientUpstream:
         self._on_attempt = on_attempt
         self._on_key_call = on_key_call
         self._on_exhausted = on_exhausted
-
-    @property
-    def guard(self) -> Guard | None:
-        return self.pool.guard if isinstance(self.pool, GuardPool) else None
 
     async def call(
         self, image: ImagePayload, report: CallReport | None = None, caller: Caller | None = None

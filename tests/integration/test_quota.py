@@ -2,7 +2,7 @@
 
 The headline: three replicas, one Redis, 2,000 concurrent billable requests against a
 daily quota of 500 make exactly 500 upstream calls — and with failures injected, every
-failed call is refunded. The rest: the global upstream guard, hot reload, shared and
+failed call is refunded. The rest: the upstream key's limits across replicas, hot reload, shared and
 separate budgets, Redis down (closed and open), /v1/usage against the simulator's own
 count and the operator CLI, and how many Redis commands a request costs.
 """
@@ -26,13 +26,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from app import purge, singleflight
 from app.limits.redis import _lua
-from app.redisconn import RedisHealth
 from app.tenants import hash_key, new_key
-from app.upstream.guard import GuardTimeout, LocalGuard, RedisGuard
 from tests.conftest import PY, Gateway, Sim, start_gateway, unique_image, write_tenants
 from tests.servers import ROOT, ByteCountingProxy, RedisServer, ServerProcess
 
@@ -387,10 +384,10 @@ def test_usage_matches_the_simulator_and_the_operator_cli(multi: Gateway, sim: S
     assert "3/6" in line
 
 
-# --- the global upstream guard -----------------------------------------------------------
+# --- the upstream key's limits across replicas ----------------------------------------------
 
 
-async def test_global_guard_keeps_two_replicas_under_the_upstream_limits(
+async def test_the_pool_keeps_two_replicas_under_the_upstream_limits(
     sim_server: ServerProcess, sim: Sim, redis_url: str, tmp_path: Path
 ) -> None:
     """The simulator throttles past 2 in flight or 20/s; the gateways must never make it."""
@@ -412,7 +409,7 @@ async def test_global_guard_keeps_two_replicas_under_the_upstream_limits(
         results = await blast([gw.url for gw in gws], keys["g"], small_images(40), concurrency=40)
         stats = sim.stats()
         outcomes = Counter(status if status == 200 else (status, detail[0]) for status, detail in results)
-        assert stats["throttled"] == 0, "the guard, not the upstream, must say no"
+        assert stats["throttled"] == 0, "the pool, not the upstream, must say no"
         ok, queued_out = outcomes[200], outcomes[(503, "upstream_unavailable")]
         assert ok + queued_out == 40, outcomes
         assert ok >= 2, outcomes
@@ -658,69 +655,3 @@ def test_round_trips_per_request_on_one_redis(
             a.server.stop()
             b.server.stop()
     assert counts == {"miss": 4, "local hit": 1, "hit from Redis": 1, "lookup from Redis": 1}, counts
-
-
-# --- the guard's parts, on a real Redis --------------------------------------------------------
-
-
-async def test_redis_guard_holds_the_line_across_instances(redis_url: str) -> None:
-    """Two guards on two connection pools (two replicas): never more than 2 slots held at once."""
-    clients = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
-    prefix = "t" + uuid.uuid4().hex[:12]
-    try:
-        guards = [RedisGuard(c, RedisHealth(), prefix, qps=10_000, max_concurrency=2, lease_s=5) for c in clients]
-        inside, peak, done = 0, 0, 0
-
-        async def call(guard: RedisGuard) -> None:
-            nonlocal inside, peak, done
-            async with guard.slot(10):
-                inside += 1
-                peak = max(peak, inside)
-                await asyncio.sleep(0.01)
-                inside -= 1
-                done += 1
-
-        await asyncio.gather(*(call(guards[i % 2]) for i in range(24)))
-        assert (peak, done) == (2, 24)
-        # Paced starts: 6 calls at 20/s cannot all start in less than 5 intervals (a lower bound only).
-        paced = RedisGuard(clients[0], RedisHealth(), prefix + "p", qps=20, max_concurrency=100, lease_s=5)
-        started = time.monotonic()
-        for _ in range(6):
-            async with paced.slot(5):
-                pass
-        assert time.monotonic() - started >= 5 * 0.05 * 0.9
-        # A full guard makes a caller give up at its deadline, with a retry hint.
-        full = RedisGuard(clients[1], RedisHealth(), prefix + "f", qps=1000, max_concurrency=1, lease_s=5)
-        async with full.slot(5):
-            with pytest.raises(GuardTimeout) as refused:
-                async with RedisGuard(
-                    clients[0], RedisHealth(), prefix + "f", qps=1000, max_concurrency=1, lease_s=5
-                ).slot(0.1):
-                    pass
-        assert refused.value.retry_after > 0
-    finally:
-        for c in clients:
-            await c.aclose()
-
-
-async def test_local_guard_queue_is_bounded() -> None:
-    """Callers that could not start before their deadline even in the best case are refused at once."""
-    guard = LocalGuard(qps=10, max_concurrency=1)
-    bound = guard.queue_bound(0.3)
-    assert bound == 1 + 3
-    peak = 0
-
-    async def call() -> str:
-        nonlocal peak
-        try:
-            async with guard.slot(0.3):
-                peak = max(peak, guard.waiting)
-                await asyncio.sleep(0.05)
-        except GuardTimeout:
-            return "refused"
-        return "ok"
-
-    outcomes = Counter(await asyncio.gather(*(call() for _ in range(12))))
-    assert outcomes["refused"] >= 12 - bound - 1
-    assert outcomes["ok"] >= 1
-    assert peak <= bound

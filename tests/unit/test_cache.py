@@ -334,7 +334,7 @@ async def test_a_failing_cache_does_not_switch_off_the_other_redis_components(re
 
     settings = Settings(redis_url=redis_url, redis_prefix="u" + uuid.uuid4().hex[:12], max_uploads_in_flight=4)
     metrics = Metrics()
-    client, cache, limiter, coordinator, guard = await backends(settings, metrics)
+    client, cache, limiter, coordinator, pool = await backends(settings, metrics)
     assert client is not None
     assert isinstance(cache, TieredCache)
     assert isinstance(cache.shared, RedisCache)
@@ -354,7 +354,7 @@ async def test_a_failing_cache_does_not_switch_off_the_other_redis_components(re
         assert lease is not None
         await coordinator.release(lease, Outcome("abandoned"))
     finally:
-        for close in (coordinator.close, limiter.close, cache.close, guard.close):
+        for close in (coordinator.close, limiter.close, cache.close, pool.close):
             await close()
         keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}:*")]
         if keys:

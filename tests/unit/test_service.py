@@ -33,7 +33,8 @@ from app.singleflight import Coordinator, LocalCoordinator, RedisCoordinator
 from app.tenants import Limits, Tenant
 from app.upstream import contract
 from app.upstream.ailabapi import ImagePayload, UpstreamAnswer, UpstreamFailure
-from app.upstream.guard import LocalGuard
+from app.upstream.keys import PoolSpec
+from app.upstream.pool import Hooks, MemoryPool, PoolSettings
 from app.upstream.resilience import CircuitBreaker, ResilientUpstream, RetryPolicy
 from tests.imagegen import make_image
 
@@ -93,9 +94,10 @@ def service(
     retries: int = 0,
     spent: list[str] | None = None,
 ) -> AnalyzeService:
+    spec = PoolSpec.single("sk-test", qps=1000, max_concurrency=10)
     resilient = ResilientUpstream(
-        upstream,
-        guard=LocalGuard(qps=1000, max_concurrency=10),
+        pool=MemoryPool(lambda: spec, PoolSettings(), Hooks()),
+        clients=lambda _key: upstream,
         breaker=CircuitBreaker(failures=100, reset_s=1),
         policy=RetryPolicy(retries, base_s=0.001, cap_s=0.001),
         timeout_s=5,

@@ -147,6 +147,7 @@ async def test_a_wait_that_runs_out_is_refused_and_leaves(make: Factory) -> None
     with pytest.raises(Refused) as refused:
         await pool.acquire(Caller("b"), 0.2)
     assert refused.value.reason == "timeout"
+    assert refused.value.retry_after > 0, "with a hint for the caller's Retry-After"
     assert (await pool.snapshot()).waiting == 0
     await pool.release(held, Outcome())
 

@@ -20,7 +20,8 @@ import pytest
 from app.errors import Problem
 from app.upstream import ailabapi, contract
 from app.upstream.ailabapi import AilabapiClient, ImagePayload, UpstreamAnswer, UpstreamFailure
-from app.upstream.guard import LocalGuard
+from app.upstream.keys import PoolSpec
+from app.upstream.pool import Hooks, MemoryPool, PoolSettings
 from app.upstream.resilience import (
     PROBE_BUSY_RETRY_S,
     RATE_WINDOW_CALLS,
@@ -225,21 +226,28 @@ class Scripted:
         return await step()
 
 
+def one_key(max_concurrency: int = 10) -> MemoryPool:
+    """The pool FACEGATE_UPSTREAM_API_KEY alone makes: one key, never taken out of rotation."""
+    spec = PoolSpec.single("sk-test", qps=1000, max_concurrency=max_concurrency)
+    return MemoryPool(lambda: spec, PoolSettings(), Hooks())
+
+
 def resilient(
     inner: Scripted,
     *,
     retries: int = 2,
     timeout_s: float = 5.0,
     breaker: CircuitBreaker | None = None,
-    guard: LocalGuard | None = None,
+    pool: MemoryPool | None = None,
+    queue_timeout_s: float = 1.0,
 ) -> ResilientUpstream:
     return ResilientUpstream(
-        inner,
-        guard=guard or LocalGuard(1000, 10),
+        pool=pool or one_key(),
+        clients=lambda _key: inner,
         breaker=breaker or CircuitBreaker(100, 10),
         policy=RetryPolicy(retries, base_s=0.001, cap_s=0.002),
         timeout_s=timeout_s,
-        queue_timeout_s=1.0,
+        queue_timeout_s=queue_timeout_s,
     )
 
 
@@ -314,27 +322,23 @@ async def test_the_failure_that_opens_the_breaker_is_not_retried() -> None:
     assert inner.calls == 1
 
 
-async def test_guard_timeout_does_not_count_against_the_upstream() -> None:
+async def test_no_slot_in_time_does_not_count_against_the_upstream() -> None:
     clock = Clock()
     breaker = CircuitBreaker(1, reset_s=5, clock=clock)
     breaker.failure(permit(breaker))
     clock.now += 5  # half-open: the next call is the probe
-    guard = LocalGuard(1000, 1)
-    hold = asyncio.Event()
+    pool = one_key(max_concurrency=1)
+    hold, holding = asyncio.Event(), asyncio.Event()
 
     async def slow() -> UpstreamAnswer:
+        holding.set()
         await hold.wait()
         return OK
 
-    blocker = Scripted(slow)
-    busy = ResilientUpstream(
-        blocker, guard=guard, breaker=CircuitBreaker(100, 10), policy=RetryPolicy(0), timeout_s=5, queue_timeout_s=0.05
-    )
+    busy = resilient(Scripted(slow), retries=0, pool=pool)
     occupying = asyncio.create_task(busy.call(PAYLOAD))
-    await asyncio.sleep(0.01)
-    probe_side = ResilientUpstream(
-        Scripted(OK), guard=guard, breaker=breaker, policy=RetryPolicy(0), timeout_s=5, queue_timeout_s=0.05
-    )
+    await holding.wait()  # the pool's only slot is taken
+    probe_side = resilient(Scripted(OK), retries=0, breaker=breaker, pool=pool, queue_timeout_s=0.05)
     with pytest.raises(UpstreamFailure) as caught:
         await probe_side.call(PAYLOAD)
     assert caught.value.reason == "guard_timeout"
@@ -350,12 +354,16 @@ async def test_cancelled_probe_gives_its_turn_back() -> None:
     breaker.failure(permit(breaker))
     clock.now += 5
 
+    calling = asyncio.Event()
+
     async def forever() -> UpstreamAnswer:
+        calling.set()
         await asyncio.sleep(3600)
         raise AssertionError
 
     task = asyncio.create_task(resilient(Scripted(forever), breaker=breaker).call(PAYLOAD))
-    await asyncio.sleep(0.01)
+    await calling.wait()  # the probe is out
+    assert isinstance(breaker.allow(), float), "only one probe at a time"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
