@@ -187,6 +187,7 @@ async def test_a_reply_lost_after_redis_ran_a_quota_script_is_not_counted_twice(
             # (as after the errors above): one command first, so no socket is left to the GC.
             with contextlib.suppress(Exception):
                 await redisconn.ping(client)
+            await limiter.close(grace_s=0)  # (after a failure above: its retries still running)
             await client.aclose()
             keys = list(probe.scan_iter(f"{prefix}:*"))
             if keys:
@@ -271,6 +272,9 @@ async def test_a_stalled_sentinel_master_loses_no_admitted_reservation(redis_sen
     finally:
         stop.set()
         await asyncio.gather(*workers, return_exceptions=True)
+        # Refunds of the unknown outcomes may still be retried in the background: stopped first, or
+        # they reopen connections (to the sentinels too) after the client is closed, left to the GC.
+        await limiter.close(grace_s=0)
         await client.aclose()
         old.args = []  # restore() restarts nodes that are down; this one runs (as a replica)
         redis_sentinel.restore()
