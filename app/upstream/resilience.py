@@ -280,6 +280,9 @@ class ResilientUpstream:
         self._on_attempt = on_attempt
         self._on_key_call = on_key_call
         self._on_exhausted = on_exhausted
+        #: Slot releases started after an answer (CallReport.finishing), held until done: the event
+        #: loop keeps only weak references to tasks, and a caller may drop its report early.
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def call(
         self, image: ImagePayload, report: CallReport | None = None, caller: Caller | None = None
@@ -401,7 +404,10 @@ class ResilientUpstream:
             raise
         outcome = "ok" if answer.verdict is None else answer.verdict.code
         release = self.pool.release(grant, Outcome(code="ok", billed=answer.billed, seconds=elapsed))
-        report.finishing.append(asyncio.get_running_loop().create_task(release))
+        task = asyncio.get_running_loop().create_task(release)
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        report.finishing.append(task)
         self.breaker.success(permit)
         self._notify(grant.key, outcome, elapsed)
         return answer
