@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from app.tenants import OPERATOR_KEY_PREFIX, new_key, paste_line
 from tests.imagegen import make_image
@@ -125,6 +126,21 @@ def redis_topology(request: pytest.FixtureRequest) -> str:
     """Each topology's URL in turn: a suite that takes this instead of ``redis_url`` runs once per
     topology (parametrised, not copied); the cluster and Sentinel are started once per session."""
     return topology_url(request, request.param)
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A fresh key prefix; its keys are removed from the shared Redis afterwards (the cluster and
+    Sentinel setups are the session's own)."""
+    p = "t" + uuid.uuid4().hex[:12]
+    yield p
+    sync = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(sync.scan_iter(f"{p}:*"))
+        if keys:
+            sync.delete(*keys)
+    finally:
+        sync.close()
 
 
 @pytest.fixture

@@ -17,17 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.cachekit import wait_until
 from tests.conftest import Gateway, Sim, unique_image
 
 IN_FLIGHT = 20
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def refuses_connections(gw: Gateway) -> bool:
@@ -76,11 +69,11 @@ def test_sigterm_finishes_in_flight_requests_and_settles_quota(gateway_factory: 
     gw: Gateway = gateway_factory(env={"FACEGATE_REDIS_URL": redis_url, "FACEGATE_SHUTDOWN_GRACE_S": "5"})
     sim.faults(latency_ms=1000)
     threads, results = fire(gw, IN_FLIGHT)
-    wait_for(lambda: sim.stats()["in_flight"] == IN_FLIGHT, 10, "all requests to reach the upstream")
+    wait_until(lambda: sim.stats()["in_flight"] == IN_FLIGHT, 10, "all requests to reach the upstream")
 
     signalled = time.monotonic()
     gw.server.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: refuses_connections(gw), 2, "the listening socket to close")
+    wait_until(lambda: refuses_connections(gw), 2, "the listening socket to close")
     for t in threads:
         t.join(15)
     assert results == [200] * IN_FLIGHT, results
@@ -107,7 +100,7 @@ def test_calls_cut_off_by_the_grace_period_are_refunded(gateway_factory: Any, si
     )
     sim.faults(latency_ms=20_000)
     threads, results = fire(gw, 5)
-    wait_for(lambda: sim.stats()["in_flight"] == 5, 10, "all requests to reach the upstream")
+    wait_until(lambda: sim.stats()["in_flight"] == 5, 10, "all requests to reach the upstream")
     signalled = time.monotonic()
     gw.server.proc.send_signal(signal.SIGTERM)
     for t in threads:

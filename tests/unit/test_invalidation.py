@@ -9,12 +9,9 @@ that carries the channel, and a deletion made meanwhile still reaches it.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 
 from app import redisconn
 from app.purge import Invalidation, RedisInvalidator
@@ -22,19 +19,6 @@ from app.settings import Settings
 from tests.servers import ReplyDroppingProxy
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    p = "t" + uuid.uuid4().hex[:12]
-    yield p
-    sync = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(sync.scan_iter(f"{p}:*"))
-        if keys:
-            sync.delete(*keys)
-    finally:
-        sync.close()
 
 
 async def test_a_replica_that_was_deaf_briefly_catches_up_and_keeps_its_local_tier(redis_url: str, prefix: str) -> None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
@@ -68,21 +66,6 @@ async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[RedisCli
         yield client
     finally:
         await client.aclose()
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A fresh key prefix; its keys are removed from the shared Redis afterwards (the cluster and
-    Sentinel setups are the session's own)."""
-    p = "t" + uuid.uuid4().hex[:12]
-    yield p
-    sync = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(sync.scan_iter(f"{p}:*"))
-        if keys:
-            sync.delete(*keys)
-    finally:
-        sync.close()
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])

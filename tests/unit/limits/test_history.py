@@ -11,7 +11,7 @@ the old day), and what ``usage()`` reported for the day equals the history of th
 from __future__ import annotations
 
 from app.limits import Limiter
-from tests.unit.limits.test_backends import Clock, clock, limiter, prefix, redis_client, tenant
+from tests.unit.limits.test_backends import Clock, clock, limiter, redis_client, tenant
 
 JAN31, FEB01 = "20260131", "20260201"
 

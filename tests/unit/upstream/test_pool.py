@@ -10,12 +10,10 @@ tests/integration/test_pool.py.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from app import redisconn
@@ -36,19 +34,6 @@ pytestmark = pytest.mark.redis
 
 def key(name: str, *, qps: float = 1000.0, conc: int = 1, tier: str = "primary") -> KeySpec:
     return KeySpec(name, Secret("secret-" + name), qps, conc, 1.0, tier)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    p = "t" + uuid.uuid4().hex[:12]
-    yield p
-    sync = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(sync.scan_iter(f"{p}:*"))
-        if keys:
-            sync.delete(*keys)
-    finally:
-        sync.close()
 
 
 Factory = Callable[..., PoolFront]

@@ -9,12 +9,10 @@ mirror equal.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
@@ -153,19 +151,6 @@ class RedisDecider(Decider):
     async def snapshot(self, cfg: Config) -> tuple[int, int, list[list[Any]], dict[str, int]]:
         now, waiting, rows, by_tenant = await self.pool._snapshot(cfg)
         return now, waiting, [[_str(v) for v in row[:7]] + [int(row[7])] for row in rows], by_tenant
-
-
-@pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    p = "t" + uuid.uuid4().hex[:12]
-    yield p
-    sync = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(sync.scan_iter(f"{p}:*"))
-        if keys:
-            sync.delete(*keys)
-    finally:
-        sync.close()
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster", "redis-sentinel"])
