@@ -5,6 +5,7 @@ Redis restart, and a lost reply never sent again), on a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -100,18 +101,27 @@ async def test_a_write_on_a_connection_closed_under_it_is_redis_down() -> None:
 # --- Wire: the request path's commands on connections of its own ------------------------------
 
 
-@pytest.fixture
-async def wired(redis_url: str) -> AsyncIterator[tuple[RedisClient, Wire, str]]:
-    client = connect(Settings(redis_url=redis_url, _env_file=None))
-    prefix = "w" + uuid.uuid4().hex[:12]
+@contextlib.asynccontextmanager
+async def wire_on(url: str) -> AsyncIterator[tuple[RedisClient, Wire]]:
+    """A client of ``url`` and its wire, both closed after."""
+    client = connect(Settings(redis_url=url, _env_file=None))
     try:
-        yield client, Wire.of(client), prefix
+        yield client, Wire.of(client)
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await client.delete(*keys)
         await Wire.of(client).aclose()
         await client.aclose()
+
+
+@pytest.fixture
+async def wired(redis_url: str) -> AsyncIterator[tuple[RedisClient, Wire, str]]:
+    prefix = "w" + uuid.uuid4().hex[:12]
+    async with wire_on(redis_url) as (client, wire):
+        try:
+            yield client, wire, prefix
+        finally:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
 
 
 async def test_wire_answers_commands_scripts_and_pipelines_with_error_replies_in_place(
@@ -133,9 +143,8 @@ async def test_wire_answers_commands_scripts_and_pipelines_with_error_replies_in
 
 async def test_together_sends_concurrent_commands_as_one_round_trip(redis_url: str) -> None:
     host, port = redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
-    async with ReplyDroppingProxy((host, int(port))) as proxy:
-        client = connect(Settings(redis_url=proxy.url, _env_file=None))
-        wire, p = Wire.of(client), "w" + uuid.uuid4().hex[:12]
+    p = "w" + uuid.uuid4().hex[:12]
+    async with ReplyDroppingProxy((host, int(port))) as proxy, wire_on(proxy.url) as (client, wire):
         try:
             await asyncio.gather(*(wire.call("PING") for _ in range(5)))  # connections open: only commands follow
             before = proxy.round_trips
@@ -150,14 +159,10 @@ async def test_together_sends_concurrent_commands_as_one_round_trip(redis_url: s
             assert replies == [1, 2, 3, 4, 5, [b"1", b"1"]]
         finally:
             await client.delete(*[f"{p}:{i}" for i in range(5)])
-            await wire.aclose()
-            await client.aclose()
 
 
 async def test_a_script_redis_forgot_is_loaded_and_run_once(own_redis: RedisServer) -> None:
-    client = connect(Settings(redis_url=own_redis.url, _env_file=None))
-    wire = Wire.of(client)
-    try:
+    async with wire_on(own_redis.url) as (client, wire):
         script = client.register_script("return redis.call('INCR', KEYS[1])")
         assert await wire.script(script, ["n"], []) == 1
         await client.script_flush()  # as after a Redis restart
@@ -167,31 +172,22 @@ async def test_a_script_redis_forgot_is_loaded_and_run_once(own_redis: RedisServ
             )
         assert sorted([replies[0], replies[1][0]]) == [2, 3]  # each ran once
         assert await client.get("n") == b"3"
-    finally:
-        await wire.aclose()
-        await client.aclose()
 
 
 async def test_a_connection_kept_across_a_redis_restart_is_reopened(own_redis: RedisServer) -> None:
-    client = connect(Settings(redis_url=own_redis.url, _env_file=None))
-    wire = Wire.of(client)
-    try:
+    async with wire_on(own_redis.url) as (client, wire):
         await warm(client, 4)  # connections in the pool that will sit there across the restart
         await asyncio.gather(*(wire.call("PING") for _ in range(8)))  # some kept by the wire
         own_redis.stop()
         own_redis.start()
         await asyncio.sleep(0.2)  # the event loop sees the old connections end (a server's loop always runs)
         assert await asyncio.gather(*(wire.call("PING") for _ in range(8))) == [b"PONG"] * 8
-    finally:
-        await wire.aclose()
-        await client.aclose()
 
 
 async def test_a_command_whose_reply_was_lost_is_not_sent_again(redis_url: str) -> None:
     host, port = redis_url.split("//", 1)[1].split("/", 1)[0].split(":")
-    async with ReplyDroppingProxy((host, int(port))) as proxy:
-        client = connect(Settings(redis_url=proxy.url, _env_file=None))
-        wire, key = Wire.of(client), "w" + uuid.uuid4().hex[:12]
+    key = "w" + uuid.uuid4().hex[:12]
+    async with ReplyDroppingProxy((host, int(port))) as proxy, wire_on(proxy.url) as (client, wire):
         try:
             await wire.call("PING")
             proxy.arm(b"INCR")
@@ -201,5 +197,3 @@ async def test_a_command_whose_reply_was_lost_is_not_sent_again(redis_url: str) 
             assert await wire.call("GET", key) == b"1"  # it ran once; the next command works
         finally:
             await client.delete(key)
-            await wire.aclose()
-            await client.aclose()
